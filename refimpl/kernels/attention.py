@@ -1,0 +1,174 @@
+"""Flash-attention forward in Triton, with the plain-torch function it must equal.
+
+FlashAttention (Dao et al. 2022, Algorithm 1) computes
+
+    O = softmax(s * Q K^T + M) V                  (s = sm_scale, M = 0 or -inf mask)
+
+without materialising the T x S score matrix. Each program owns a block of
+query rows and streams K, V through in blocks, keeping per row a running max
+m, a running normaliser l and an unnormalised output acc. The online softmax
+(Milakov & Gimelshein 2018; Algorithm 1, lines 9-12) folds in a new block
+S_j = s * Q K_j^T as
+
+    m'  = max(m, rowmax(S_j))
+    P   = exp(S_j - m')
+    l'  = exp(m - m') l + rowsum(P)
+    acc = exp(m - m') acc + P V_j
+
+and at the end O = acc / l (dividing once at the end, not per block as
+Algorithm 1 does, as in FlashAttention-2) and the log-sum-exp LSE = m + log l,
+which lets results over different key sets be merged later (ring attention).
+
+Causal masking: key j is visible to query i iff j <= i + causal_offset, with
+causal_offset = S - T by default (bottom-right aligned: the T queries are the
+last T of S positions, as when decoding with a KV cache). A query that sees no
+key gets O = 0 and LSE = -inf.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, T, S, D, sm_scale, causal_offset,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    q_ptrs = (Q + b * stride_qb + h * stride_qh
+              + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+    # fp32 before tl.dot: the interpreter gets low-precision dots wrong
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < T) & d_ok[None, :], other=0.0).to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = S
+    if CAUSAL:
+        # keys past the last row's diagonal are invisible to the whole block: skip them
+        hi = tl.minimum(S, tl.maximum((pid_m + 1) * BLOCK_M + causal_offset, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                     mask=(cols[None, :] < S) & d_ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=(cols[:, None] < S) & d_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, kt, input_precision="ieee") * sm_scale
+        visible = cols[None, :] < S
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows with no visible key yet keep m = -inf; shift them by 0, not -inf (inf - inf = NaN)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_shift[:, None])
+        alpha = tl.exp(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+
+    # l = 0 only where no key was visible: there O = 0 and LSE = -inf
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = (Out + b * stride_ob + h * stride_oh
+              + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < T) & d_ok[None, :])
+    tl.store(Lse + pid_bh * T + offs_m, m_i + tl.log(l_safe), mask=offs_m < T)
+
+
+def flash_attention(q, k, v, causal=False, sm_scale=None, causal_offset=None):
+    """softmax(sm_scale q k^T + mask) v with the Triton kernel; returns (out, lse).
+
+    q [B, H, T, D], k and v [B, H, S, D]; out [B, H, T, D] in q's dtype, lse [B, H, T]
+    in fp32. With ``causal``, key j is visible to query i iff j <= i + causal_offset
+    (default S - T). ``causal_offset`` is ignored without ``causal``.
+    """
+    T, S, sm_scale, causal_offset = _check_inputs(q, k, v, sm_scale, causal_offset)
+    if not q.is_cuda and isinstance(_attn_fwd_kernel, triton.runtime.JITFunction):
+        raise ValueError(f"q is on {q.device}: the Triton kernel needs CUDA tensors, or "
+                         "TRITON_INTERPRET=1 set before refimpl.kernels.attention is imported")
+    B, H, _, D = q.shape
+    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    BLOCK_M = max(16, min(64, triton.next_power_of_2(T)))
+    BLOCK_N = max(16, min(64, triton.next_power_of_2(S)))
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    grid = (triton.cdiv(T, BLOCK_M), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, T, S, D, sm_scale, causal_offset,
+        CAUSAL=bool(causal), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=4 if BLOCK_D <= 64 else 8,
+    )
+    return out, lse
+
+
+def attention_reference(q, k, v, causal=False, sm_scale=None, causal_offset=None):
+    """The same function in plain torch, in fp32: materialise the scores, mask, softmax."""
+    T, S, sm_scale, causal_offset = _check_inputs(q, k, v, sm_scale, causal_offset)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * sm_scale
+    if causal:
+        i = torch.arange(T, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        scores = scores.masked_fill(j > i + causal_offset, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf for a row with no visible key
+    p = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    return (p @ v.float()).to(q.dtype), lse
+
+
+def _check_inputs(q, k, v, sm_scale, causal_offset):
+    """Validate shapes and dtypes; return T, S and the resolved sm_scale and causal_offset."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, T or S, D], got {got}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q.dtype must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype ({t.dtype}) must equal q.dtype ({q.dtype})")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.shape[:2] != q.shape[:2] or t.shape[3] != q.shape[3]:
+            raise ValueError(f"{name} must be [B, H, S, D] = [{q.shape[0]}, {q.shape[1]}, S, "
+                             f"{q.shape[3]}] to match q, got {tuple(t.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length S, got {k.shape[2]} and {v.shape[2]}")
+    T, S, D = q.shape[2], k.shape[2], q.shape[3]
+    if D < 1:
+        raise ValueError("q, k, v need a head dim D >= 1")
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    if causal_offset is None:
+        causal_offset = S - T
+    elif isinstance(causal_offset, bool):
+        raise TypeError("causal_offset must be an int")
+    else:
+        causal_offset = operator.index(causal_offset)
+    return T, S, sm_scale, causal_offset

@@ -1,0 +1,344 @@
+"""TinyGPT: the workbench decoder-only transformer, with a KV cache built for decoding.
+
+A GPT-2 style model (Radford et al. 2019; Vaswani et al. 2017, eq. 1 for attention):
+learned absolute positions, pre-LayerNorm blocks, causal multi-head attention,
+a GELU MLP and an output head tied to the token embedding.
+
+The interface every decoding chapter uses:
+
+    logits = model(input_ids, position_ids=None, attn_mask=None, cache=None)   # [B, T, V]
+
+``attn_mask`` is an additive float mask [B, 1, T, S] (S = cached + new tokens;
+0 where a query may look, a large negative number where it may not). Without it
+the model is causal, with the T new tokens placed after the S - T cached ones.
+``cache`` comes from ``model.empty_cache(batch_size)`` and grows in place.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINTS = Path(__file__).parent / "assets"
+ATTN_BACKENDS = ("sdpa", "math", "triton")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def causal_mask(T: int, S: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Additive [T, S] mask for T new queries that follow S - T cached keys."""
+    allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+    return additive_mask(allowed, dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Turn a boolean "may attend" mask into an additive one (0 or the dtype's minimum).
+
+    The minimum, not -inf, so that a fully masked row (a padding query) gives a
+    uniform softmax instead of NaN.
+    """
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+def attention(q, k, v, attn_mask=None, backend="sdpa"):
+    """softmax(q k^T / sqrt(d) + mask) v for q [B, H, T, D], k and v [B, H, S, D].
+
+    With ``attn_mask=None`` the mask is causal and bottom-right aligned: query i
+    sees keys 0 .. S - T + i (the new tokens come after the cached ones).
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    if backend == "triton":
+        if attn_mask is not None:
+            raise ValueError("attn_backend='triton' supports only the built-in causal mask; "
+                             "use 'sdpa' or 'math' with an explicit attn_mask")
+        from refimpl.kernels.attention import flash_attention
+        return flash_attention(q, k, v, causal=True)[0]
+    if attn_mask is None and T > 1:
+        attn_mask = causal_mask(T, S, q.device, q.dtype)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    return scores.softmax(dim=-1) @ v
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to the context length.
+
+    ``k`` and ``v`` are [n_layer, B, H, capacity, D]; the first ``len(cache)``
+    positions are filled. A forward pass writes its new keys after them and
+    then advances the length, so the cache grows in place.
+    """
+
+    def __init__(self, n_layer, batch_size, n_head, head_dim, capacity, device=None):
+        self.shape = (n_layer, batch_size, n_head, capacity, head_dim)
+        self.device = device
+        self.k = self.v = None  # allocated on first write, in the keys' dtype
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def batch_size(self) -> int:
+        return self.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this step's k, v [B, H, T, D] for ``layer``; return all keys and values so far."""
+        if self.k is None:
+            self.k = k.new_empty(self.shape)
+            self.v = v.new_empty(self.shape)
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first ``length`` positions (speculative rollback)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"length must be in [0, {self.length}], got {length}")
+        self.length = length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Replace row b by row index[b] (beam search); index may repeat rows or change B."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        if index.ndim != 1 or not index.numel() or not (
+                0 <= int(index.min()) and int(index.max()) < self.batch_size):
+            raise ValueError(f"index must be a non-empty 1-D tensor of rows in [0, {self.batch_size})")
+        self.shape = (self.shape[0], len(index)) + self.shape[2:]
+        if self.k is None:
+            return
+        self.k, self.v = (self._gather(t, index) for t in (self.k, self.v))
+
+    def _gather(self, t, index):
+        out = t.new_empty(self.shape)
+        out[:, :, :, :self.length] = t[:, index, :, :self.length]
+        return out
+
+    def extract(self, row: int, start: int, length: int) -> "KVCache":
+        """A batch-1 cache holding positions start .. start+length-1 of ``row`` (packing)."""
+        if not 0 <= row < self.batch_size:
+            raise ValueError(f"row must be in [0, {self.batch_size}), got {row}")
+        if start < 0 or length < 0 or start + length > self.length:
+            raise ValueError(f"positions [{start}, {start + length}) are not all in the cache "
+                             f"of length {self.length}")
+        out = KVCache(self.shape[0], 1, self.shape[2], self.shape[4], self.capacity, self.device)
+        out.length = length
+        if self.k is not None:
+            out.k, out.v = (self._slice(t, row, start, length) for t in (self.k, self.v))
+        return out
+
+    def _slice(self, t, row, start, length):
+        out = t.new_zeros(self.shape[:1] + (1,) + self.shape[2:])
+        out[:, 0, :, :length] = t[:, row, :, start:start + length]
+        return out
+
+    def split(self) -> list["KVCache"]:
+        """One batch-1 cache per row."""
+        return [self.extract(b, 0, self.length) for b in range(self.batch_size)]
+
+    @classmethod
+    def stack(cls, caches: list["KVCache"]) -> "KVCache":
+        """Concatenate caches of equal length along the batch (inverse of ``split``)."""
+        if not caches:
+            raise ValueError("caches must not be empty")
+        first = caches[0]
+        if any(len(c) != len(first) or c.shape[0] != first.shape[0] or c.shape[2:] != first.shape[2:]
+               for c in caches):
+            raise ValueError("caches must share length, layers, heads, head size and capacity")
+        out = cls(first.shape[0], sum(c.batch_size for c in caches), first.shape[2],
+                  first.shape[4], first.capacity, first.device)
+        out.length = first.length
+        written = [c for c in caches if c.k is not None]
+        if written:  # a never-written cache (length 0) contributes zeros
+            out.k = torch.cat([c.k if c.k is not None else written[0].k.new_zeros(c.shape)
+                               for c in caches], dim=1)
+            out.v = torch.cat([c.v if c.v is not None else written[0].v.new_zeros(c.shape)
+                               for c in caches], dim=1)
+        return out
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, attn_mask=None, cache=None, layer=0, backend="sdpa"):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.qkv(x).split(C, dim=2))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = attention(q, k, v, attn_mask, backend)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
+                                 nn.Linear(4 * config.n_embd, config.n_embd))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, cache=None, layer=0, backend="sdpa"):
+        x = x + self.dropout(self.attn(self.ln1(x), attn_mask, cache, layer, backend))
+        return x + self.dropout(self.mlp(self.ln2(x)))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, config: GPTConfig, attn_backend: str = "sdpa"):
+        super().__init__()
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        self.config = config
+        self.attn_backend = attn_backend
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def attn_backend(self) -> str:
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, value: str) -> None:
+        if value not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {value!r}")
+        self._attn_backend = value
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def empty_cache(self, batch_size: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, c.head_dim, c.block_size,
+                       self.tok_emb.weight.device)
+
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} "
+                             f"of shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = 0 if cache is None else len(cache)
+        S = past + T
+        if T < 1 or S > self.config.block_size:
+            raise ValueError(f"input_ids has {T} new tokens after {past} cached ones; the total "
+                             f"must be in [1, block_size={self.config.block_size}]")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {B}")
+        if position_ids is None:
+            position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
+        elif position_ids.shape not in ((B, T), (T,)) or position_ids.is_floating_point() or (
+                position_ids.min() < 0 or position_ids.max() >= self.config.block_size):
+            raise ValueError(f"position_ids must be [B, T] = [{B}, {T}] with values in "
+                             f"[0, {self.config.block_size})")
+        if attn_mask is not None and (attn_mask.ndim != 4 or attn_mask.shape[1:] != (1, T, S)
+                                      or attn_mask.shape[0] not in (1, B)):
+            raise ValueError(f"attn_mask must be an additive float mask [B, 1, T, S] = "
+                             f"[{B}, 1, {T}, {S}], got {tuple(attn_mask.shape)}")
+        if attn_mask is not None and not attn_mask.is_floating_point():
+            raise ValueError("attn_mask must be additive (float), not boolean; see additive_mask()")
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, attn_mask, cache, layer, self.attn_backend)
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.ln_f(x))
+
+
+def save(model: TinyGPT, path: Path, **record) -> None:
+    """Write ``path`` (weights and config) and ``path.with_suffix('.json')`` (config + record)."""
+    torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, path)
+    info = {"config": asdict(model.config), "parameters": model.num_parameters(), **record}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load(name: str, attn_backend: str = "sdpa") -> TinyGPT:
+    """Load a committed checkpoint by name ("target", "draft") or by path."""
+    path = Path(name) if name.endswith(".pt") else CHECKPOINTS / f"{name}.pt"
+    if not path.exists():
+        known = sorted(p.stem for p in CHECKPOINTS.glob("*.pt"))
+        raise ValueError(f"no checkpoint {name!r}; known: {known}")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = TinyGPT(GPTConfig(**blob["config"]), attn_backend=attn_backend)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
+def record(name: str) -> dict:
+    """The JSON written beside a checkpoint: config, steps, seconds, losses, curve."""
+    return json.loads((CHECKPOINTS / f"{name}.json").read_text())
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0,
+             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ``max_new_tokens`` after ``input_ids`` [B, T]; temperature 0 is greedy.
+
+    With ``use_cache=False`` every step re-runs the whole prefix: the baseline
+    that shows what the KV cache saves.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if input_ids.shape[1] + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds block_size={model.config.block_size}")
+    cache = model.empty_cache(input_ids.shape[0]) if use_cache else None
+    out, step_input = input_ids, input_ids
+    for _ in range(max_new_tokens):
+        logits = model(step_input, cache=cache)[:, -1].float()
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        out = torch.cat([out, nxt], dim=1)
+        step_input = nxt if use_cache else out
+    return out

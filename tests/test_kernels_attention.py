@@ -1,0 +1,154 @@
+"""The Triton flash-attention forward against torch oracles (runs under TRITON_INTERPRET on CPU)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from refimpl.kernels.attention import attention_reference, flash_attention
+from refimpl.lm import GPTConfig, TinyGPT
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+SIZES = [(1, 17), (17, 17), (17, 200), (200, 17), (200, 200), (1, 200)]  # (T, S)
+
+
+def make_qkv(T, S, D, dtype=torch.float32, B=1, H=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, n, D, generator=g).to(dtype) for n in (T, S, S)]
+
+
+def visible(T, S, causal, offset=None):
+    """Boolean [T, S]: key j visible to query i iff j <= i + offset (default S - T)."""
+    if not causal:
+        return torch.ones(T, S, dtype=torch.bool)
+    offset = S - T if offset is None else offset
+    return torch.arange(S)[None, :] <= torch.arange(T)[:, None] + offset
+
+
+def oracle(q, k, v, mask):
+    """SDPA with an explicit boolean mask (its is_causal is top-left aligned) and logsumexp."""
+    q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
+    return out, torch.logsumexp(scores, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", [16, 24, 64])
+@pytest.mark.parametrize("T,S", SIZES)
+def test_kernel_matches_reference_and_sdpa(T, S, D, causal, dtype):
+    q, k, v = make_qkv(T, S, D, dtype)
+    out, lse = flash_attention(q, k, v, causal=causal)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=causal)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+    mask = visible(T, S, causal)
+    rows = mask.any(-1)  # bottom-right causal with T > S leaves the first T - S rows keyless
+    sdpa_out, sdpa_lse = oracle(q, k, v, mask)
+    torch.testing.assert_close(out.float()[..., rows, :], sdpa_out[..., rows, :],
+                               atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(lse[..., rows], sdpa_lse[..., rows], atol=1e-5, rtol=1e-5)
+    assert torch.all(out[..., ~rows, :] == 0) and torch.all(lse[..., ~rows] == float("-inf"))
+
+
+@pytest.mark.parametrize("fn", [flash_attention, attention_reference])
+def test_reference_and_kernel_match_sdpa_on_strided_bf16_and_scale(fn):
+    B, H, T, S, D = 2, 3, 33, 50, 40
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # the layout TinyGPT passes
+    kv = torch.randn(2, B, H, S + 7, D, generator=g)[:, :, :, :S]  # a cache slice
+    k, v = kv[0], kv[1]
+    mask = visible(T, S, True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(fn(q, k, v, causal=True, sm_scale=0.3)[0], want, atol=1e-5, rtol=0)
+    out16 = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, sm_scale=0.3)[0]
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), want, atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("fn", [flash_attention, attention_reference])
+@pytest.mark.parametrize("offset", [-5, -30, -100, 3, 60])
+def test_causal_offset_including_keyless_rows(fn, offset):
+    T, S, D = 20, 40, 24
+    q, k, v = make_qkv(T, S, D, seed=2)
+    out, lse = fn(q, k, v, causal=True, causal_offset=offset)
+    assert not out.isnan().any() and not lse.isnan().any()
+    mask = visible(T, S, True, offset)
+    rows = mask.any(-1)
+    assert torch.all(out[..., ~rows, :] == 0) and torch.all(lse[..., ~rows] == float("-inf"))
+    want_out, want_lse = oracle(q, k, v, mask)
+    torch.testing.assert_close(out[..., rows, :], want_out[..., rows, :], atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse[..., rows], want_lse[..., rows], atol=1e-5, rtol=1e-5)
+    if offset == -5:  # a partly keyless case, so the test exercises both branches
+        assert rows.any() and not rows.all()
+
+
+def test_lse_merges_two_key_halves():
+    """Merging the two key halves' (out, lse) by online softmax gives the whole (ring attention)."""
+    T, S, D = 17, 50, 16
+    q, k, v = make_qkv(T, S, D, seed=3)
+    whole, lse = flash_attention(q, k, v)
+    o1, l1 = flash_attention(q, k[:, :, :20], v[:, :, :20])
+    o2, l2 = flash_attention(q, k[:, :, 20:], v[:, :, 20:])
+    merged_lse = torch.logaddexp(l1, l2)
+    merged = torch.exp(l1 - merged_lse)[..., None] * o1 + torch.exp(l2 - merged_lse)[..., None] * o2
+    torch.testing.assert_close(merged, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged_lse, lse, atol=1e-5, rtol=1e-5)
+
+
+def _bad_inputs():
+    q, k, v = make_qkv(5, 7, 16)
+    return [
+        ((q[0], k, v), "q"),
+        ((q, k[0], v), "k"),
+        ((q, k, v[..., None]), "v"),
+        ((q, k[:1].expand(2, -1, -1, -1), v), "k"),  # batch mismatch
+        ((q, k[:, :1], v), "k"),  # heads mismatch
+        ((q, k[..., :8], v), "k"),  # head dim mismatch
+        ((q, k, v[..., :8]), "v"),
+        ((q, k, v[:, :, :6]), "k and v"),  # length mismatch
+        ((q, k.half(), v), "k.dtype"),
+        ((q.double(), k.double(), v.double()), "q.dtype"),
+        ((q.long(), k.long(), v.long()), "q.dtype"),
+    ]
+
+
+@pytest.mark.parametrize("fn", [flash_attention, attention_reference])
+@pytest.mark.parametrize("case", range(len(_bad_inputs())))
+def test_bad_input_raises(fn, case):
+    args, name = _bad_inputs()[case]
+    with pytest.raises(ValueError, match=name):
+        fn(*args)
+
+
+def _tiny_gpt():
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # larger weights than the 0.02 init, so attention is far from uniform
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+@torch.no_grad()
+def test_tinygpt_triton_backend_matches_sdpa():
+    model = _tiny_gpt()
+    B, T, prefix = 2, 37, 30
+    idx = torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(4))
+
+    model.attn_backend = "sdpa"
+    want = model(idx)
+    non_causal = model(idx, attn_mask=torch.zeros(1, 1, T, T))
+    assert (want - non_causal).abs().max() > 1e-2  # so 1e-5 below would catch a masking bug
+    model.attn_backend = "triton"
+    torch.testing.assert_close(model(idx), want, atol=1e-5, rtol=0)
+
+    for backend in ("sdpa", "triton"):
+        model.attn_backend = backend
+        cache = model.empty_cache(B)
+        steps = [model(idx[:, :prefix], cache=cache)]
+        steps += [model(idx[:, t:t + 1], cache=cache) for t in range(prefix, T)]
+        assert len(cache) == T
+        torch.testing.assert_close(torch.cat(steps, dim=1), want, atol=1e-5, rtol=0)
