@@ -25,8 +25,8 @@ test: setup
 
 # The static site from the notebooks' stored outputs; open _build/html/index.html.
 book: setup
-	$(PY) -m jupyter_book build notebooks --config book.yml --toc notebooks/_toc.yml \
-		--path-output . -W --keep-going
+	$(VENV)/bin/jupyter-book build notebooks --config $(CURDIR)/book.yml --toc $(CURDIR)/notebooks/_toc.yml \
+		--path-output $(CURDIR) -W --keep-going
 	@echo "Open _build/html/index.html"
 
 lab: setup
