@@ -8,7 +8,7 @@ written against the workbench interface of ``refimpl/lm.py``:
 
 ``HFCausalLM`` gives any decoder-only ``transformers`` model (tested with
 GPT-2 and Llama, transformers 4.56.2) that same call shape, so a reader can
-swap ``lm.load("target")`` for ``wrap(AutoModelForCausalLM.from_pretrained(...))``
+swap ``lm.load("target")`` for ``HFCausalLM(AutoModelForCausalLM.from_pretrained(...))``
 and run every algorithm unchanged. ``HFCache`` wraps a ``transformers.DynamicCache``
 and offers the ``KVCache`` methods by name.
 
@@ -200,7 +200,3 @@ class HFCausalLM(nn.Module):
                       past_key_values=dynamic, use_cache=True, return_dict=True)
         return out.logits
 
-
-def wrap(hf_model: nn.Module) -> HFCausalLM:
-    """``HFCausalLM(hf_model)``, for a one-line swap in the notebooks."""
-    return HFCausalLM(hf_model)

@@ -141,6 +141,9 @@ def test_split_and_stack_round_trip(model):
     model(x[:1, :4], cache=short)
     with pytest.raises(ValueError, match="length"):
         KVCache.stack([rows[0], short])
+    rows[0].crop(0)  # a written cache cropped to 0 stacks with a never-written one
+    both = KVCache.stack([rows[0], model.empty_cache(1)])
+    torch.testing.assert_close(model(x[:2], cache=both), model(x[:2]), atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
@@ -160,7 +163,9 @@ def test_generate_with_and_without_cache_agree(model):
     (lambda m: m(ids(2, 4), position_ids=torch.tensor([[0, 1, 2, 64]] * 2)), "position_ids"),
     (lambda m: m(ids(2, 4), position_ids=torch.tensor([[0, 1, -1, 2]] * 2)), "position_ids"),
     (lambda m: m(ids(2, 4), cache=m.empty_cache(3)), "cache"),
+    (lambda m: m(ids(2, 4), position_ids=torch.zeros(2, 4)), "position_ids"),
     (lambda m: m(ids(4).float()), "input_ids"),
+    (lambda m: m.empty_cache(2).reorder(torch.tensor([], dtype=torch.long)), "index"),
     (lambda m: generate(m, ids(1, 60), 10), "max_new_tokens"),
     (lambda m: setattr(m, "attn_backend", "flash"), "attn_backend"),
 ])
