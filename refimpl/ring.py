@@ -1,0 +1,512 @@
+"""Ring attention and DeepSpeed-Ulysses, simulated on one machine.
+
+Li et al., "Sequence Parallelism: Long Sequence Training from System Perspective" (2021)
+split the sequence over P devices and pass key/value blocks around a ring (Ring
+Self-Attention). Liu et al., "Ring Attention with Blockwise Transformers" (2023) make each
+step a blockwise (flash) attention whose partial results are merged with the online
+softmax, and overlap the pass with the compute, so memory per device scales with N / P.
+Jacobs et al., "DeepSpeed Ulysses" (2023) instead re-shard with two all-to-alls: sequence-
+sharded to head-sharded, full attention per head group, and back.
+
+Here the P devices are simulated: each holds only its own Q, K, V shard, and K/V blocks move
+only through ``_send``, which copies the tensors and records a ``Message`` (phase, step,
+sender, receiver, bytes). Each device's resident tensors are accounted, giving its peak
+working memory. ``comm_volume`` is the analytic count the message log must equal.
+
+A partial result over a key subset is a pair (out, lse) with lse the log-sum-exp of the
+scores of that subset; two partials over disjoint key sets merge exactly (the online softmax
+of Milakov & Gimelshein 2018, FlashAttention Algorithm 1 lines 9-12):
+
+    lse = log(exp(lse_a) + exp(lse_b)),  out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+SCHEMES = ("ring", "allgather", "ulysses")
+BACKENDS = ("torch", "triton")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Merge two partial attention results over disjoint key sets; returns (out, lse) in fp32.
+
+    out_a, out_b [..., T, D], lse_a, lse_b [..., T]. Subtracting the larger lse before exp keeps
+    it stable; a row empty in both (lse -inf) stays out 0, lse -inf, with no NaN.
+    """
+    m = torch.maximum(lse_a, lse_b)
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = wa + wb
+    lse = m + torch.log(total)
+    total = total.masked_fill(total == 0, 1.0)
+    out = (wa / total)[..., None] * out_a.float() + (wb / total)[..., None] * out_b.float()
+    return out, lse
+
+
+def block_attention(q, k, v, *, sm_scale, causal_offset=None):
+    """softmax(sm_scale q k^T + mask) v for one query block and one key block, in fp32.
+
+    Returns (out, lse). With ``causal_offset`` key j is visible to query i iff
+    j <= i + causal_offset; None means no mask. A row that sees no key gets out 0, lse -inf.
+    """
+    s = (q.float() @ k.float().transpose(-2, -1)) * sm_scale
+    if causal_offset is not None:
+        i = torch.arange(q.shape[-2], device=q.device)[:, None]
+        j = torch.arange(k.shape[-2], device=q.device)[None, :]
+        s = s.masked_fill(j > i + causal_offset, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    return p @ v.float(), lse
+
+
+def block_attention_backward(q, k, v, dout, lse, delta, *, sm_scale, causal_offset=None):
+    """Gradients of one (query block, key block) pair given the GLOBAL lse of the query rows.
+
+    With P = exp(S - lse) (the block's slice of the full softmax) and delta = rowsum(dO * O)
+    (FlashAttention-2, Algorithm 2): dV = P^T dO, dS = P * (dO V^T - delta),
+    dQ = s dS K, dK = s dS^T Q. Returns (dq, dk, dv) in fp32.
+    """
+    s = (q.float() @ k.float().transpose(-2, -1)) * sm_scale
+    if causal_offset is not None:
+        i = torch.arange(q.shape[-2], device=q.device)[:, None]
+        j = torch.arange(k.shape[-2], device=q.device)[None, :]
+        s = s.masked_fill(j > i + causal_offset, float("-inf"))
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    dout = dout.float()
+    dv = p.transpose(-2, -1) @ dout
+    ds = p * (dout @ v.float().transpose(-2, -1) - delta[..., None])
+    return (ds @ k.float()) * sm_scale, (ds.transpose(-2, -1) @ q.float()) * sm_scale, dv
+
+
+def blockwise_attention(q, k, v, *, block_size, causal=False, sm_scale=None):
+    """Attention on one device, one key block at a time, merged with the online softmax.
+
+    The memory-saving step of Blockwise Parallel Transformers (Liu & Abbeel 2023): scores
+    never exceed [T, block_size]. Returns out in q's dtype.
+    """
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+    for start in range(0, k.shape[-2], block_size):
+        kb, vb = k[..., start:start + block_size, :], v[..., start:start + block_size, :]
+        offset = -start if causal else None  # query i, key start + j: visible iff start + j <= i
+        out, lse = merge_partials(out, lse, *block_attention(q, kb, vb, sm_scale=sm_scale,
+                                                             causal_offset=offset))
+    return out.to(q.dtype)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Global positions start, start + stride, ..., start + (length - 1) * stride."""
+    start: int
+    length: int
+    stride: int = 1
+
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.start, self.start + self.length * self.stride, self.stride)
+
+
+def shard_segments(seq_len: int, world_size: int, layout: str) -> list[list[Segment]]:
+    """Which global positions each rank holds.
+
+    contiguous: rank r holds chunk r of P. zigzag: 2P chunks, rank r holds r and 2P-1-r (each
+    rank gets one early and one late chunk, so causal work balances). striped: rank r holds
+    positions r, r + P, r + 2P, ... (Brandon et al. 2023, Striped Attention).
+    """
+    P = world_size
+    if layout == "contiguous":
+        c = seq_len // P
+        return [[Segment(r * c, c)] for r in range(P)]
+    if layout == "zigzag":
+        c = seq_len // (2 * P)
+        return [[Segment(r * c, c), Segment((2 * P - 1 - r) * c, c)] for r in range(P)]
+    if layout == "striped":
+        return [[Segment(r, seq_len // P, P)] for r in range(P)]
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def positions_of(segments: list[Segment]) -> torch.Tensor:
+    return torch.cat([s.positions() for s in segments])
+
+
+def pair_offset(q_seg: Segment, k_seg: Segment) -> int:
+    """Causal offset between two segments of the same stride.
+
+    Query a + i*st sees key b + j*st iff j <= i + (a - b) / st, i.e. j <= i + floor((a - b) / st).
+    """
+    return (q_seg.start - k_seg.start) // q_seg.stride
+
+
+def visible_pairs(offset: int, tq: int, tk: int) -> int:
+    """Number of (query, key) pairs with j <= i + offset in a tq x tk block (the work)."""
+    return int(torch.arange(offset + 1, offset + 1 + tq).clamp(0, tk).sum())
+
+
+def attend_shard(q, k, v, q_segs, k_segs, *, causal, sm_scale, block_fn=block_attention):
+    """One device, one ring step: its query shard against the visiting key/value shard.
+
+    Runs ``block_fn`` on each (query segment, key segment) pair with the causal offset of their
+    global positions, skips pairs with no visible key, drops the mask for fully visible pairs.
+    Returns (out fp32, lse, work, tiles): work = visible (query, key) pairs, tiles = the pairs
+    computed as (q segment index, k segment index, visible pairs).
+    """
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+    work, tiles, qi = 0, [], 0
+    for a, qs in enumerate(q_segs):
+        rows = slice(qi, qi + qs.length)
+        ki = 0
+        for b, ks in enumerate(k_segs):
+            cols = slice(ki, ki + ks.length)
+            ki += ks.length
+            offset = pair_offset(qs, ks) if causal else None
+            n = visible_pairs(offset, qs.length, ks.length) if causal else qs.length * ks.length
+            if n == 0:
+                continue
+            if offset is not None and offset >= ks.length - 1:
+                offset = None  # every key visible to every query: no mask needed
+            o, l = block_fn(q[..., rows, :], k[..., cols, :], v[..., cols, :],
+                            sm_scale=sm_scale, causal_offset=offset)
+            out[..., rows, :], lse[..., rows] = merge_partials(out[..., rows, :], lse[..., rows], o, l)
+            work += n
+            tiles.append((a, b, n))
+        qi += qs.length
+    return out, lse, work, tiles
+
+
+@dataclass
+class Message:
+    phase: str      # "forward" or "backward"
+    step: int
+    sender: int
+    receiver: int
+    nbytes: int
+    what: str       # "kv", "kv+dkv", "dkv", "q", "k", "v", "out"
+
+
+@dataclass
+class RingTrace:
+    """What a simulated run did: every message, work per step and device, peak memory."""
+    messages: list[Message] = field(default_factory=list)
+    work: dict = field(default_factory=dict)        # phase -> [step][rank] visible pairs
+    holds: dict = field(default_factory=dict)       # phase -> [step][rank] rank whose K/V is held
+    tiles: dict = field(default_factory=dict)       # phase -> [step][rank] list of tiles
+    peak_bytes: dict = field(default_factory=dict)  # phase -> [rank] peak resident bytes
+
+    def bytes_sent(self, world_size, phase=None) -> list[int]:
+        """Bytes each rank sent (in ``phase``, or in all phases)."""
+        sent = [0] * world_size
+        for m in self.messages:
+            if phase is None or m.phase == phase:
+                sent[m.sender] += m.nbytes
+        return sent
+
+
+class _Memory:
+    """Resident bytes of one simulated device: named buffers plus a transient term."""
+
+    def __init__(self):
+        self.buffers, self.peak = {}, 0
+
+    def hold(self, name, *tensors):
+        self.buffers[name] = sum(t.numel() * t.element_size() for t in tensors)
+        self.peak = max(self.peak, sum(self.buffers.values()))
+
+    def drop(self, name):
+        self.buffers.pop(name, None)
+
+    def transient(self, nbytes):
+        self.peak = max(self.peak, sum(self.buffers.values()) + nbytes)
+
+
+def _send(trace, phase, step, sender, receiver, what, *tensors):
+    """The only way data moves between simulated devices: a copy, logged with its size."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    trace.messages.append(Message(phase, step, sender, receiver, nbytes, what))
+    return tuple(t.clone() for t in tensors)
+
+
+def _score_bytes(backend, q_segs, k_segs, q):
+    """The torch backend materialises a [B, H, tq, tk] fp32 score block; the kernel does not."""
+    if backend != "torch":
+        return 0
+    tq = max(s.length for s in q_segs)
+    tk = max(s.length for s in k_segs)
+    return q.shape[0] * q.shape[1] * tq * tk * 4
+
+
+def _block_fn(backend):
+    if backend == "torch":
+        return block_attention
+    from refimpl.kernels.ring import ring_block_attention  # needs CUDA or TRITON_INTERPRET=1
+    return ring_block_attention
+
+
+def ring_forward(shards, segs, *, causal, sm_scale, backend, trace):
+    """Forward ring: P steps; at step t rank r attends to the K/V of rank (r - t) mod P, then
+    passes it to rank r + 1 (the send overlaps the compute, so a receive buffer is live).
+    ``shards`` is [(q, k, v)] per rank. Returns [(out fp32, lse)] per rank."""
+    P = len(shards)
+    mem = [_Memory() for _ in range(P)]
+    block_fn = _block_fn(backend)
+    acc = []
+    for r, (q, k, v) in enumerate(shards):
+        mem[r].hold("qkv", q, k, v)
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+        acc.append((out, lse))
+        mem[r].hold("out+lse", out, lse)
+    kv = [(k, v, r) for r, (_, k, v) in enumerate(shards)]
+    trace.work["forward"], trace.holds["forward"], trace.tiles["forward"] = [], [], []
+    for t in range(P):
+        if t < P - 1:
+            for r in range(P):
+                mem[(r + 1) % P].hold("recv", kv[r][0], kv[r][1])
+        work, holds, tiles = [], [], []
+        for r, (q, _, _) in enumerate(shards):
+            k, v, src = kv[r]
+            mem[r].transient(_score_bytes(backend, segs[r], segs[src], q))
+            o, l, w, tl = attend_shard(q, k, v, segs[r], segs[src], causal=causal,
+                                       sm_scale=sm_scale, block_fn=block_fn)
+            acc[r] = merge_partials(*acc[r], o, l)
+            work.append(w), holds.append(src), tiles.append(tl)
+        trace.work["forward"].append(work)
+        trace.holds["forward"].append(holds)
+        trace.tiles["forward"].append(tiles)
+        if t < P - 1:
+            moved = [None] * P
+            for r in range(P):
+                k, v, src = kv[r]
+                moved[(r + 1) % P] = (*_send(trace, "forward", t, r, (r + 1) % P, "kv", k, v), src)
+            kv = moved
+            for r in range(P):
+                mem[r].drop("recv")
+                mem[r].hold("kv", kv[r][0], kv[r][1])
+    trace.peak_bytes["forward"] = [m.peak for m in mem]
+    return acc
+
+
+def ring_backward(shards, outs, lses, douts, segs, *, causal, sm_scale, trace):
+    """Backward ring: K, V travel with their fp32 gradient accumulators dK, dV; each rank adds
+    its queries' contribution using the global lse saved by the forward, accumulates its own
+    dQ locally, and after P steps one last hop brings dK, dV home. Returns [(dq, dk, dv)]."""
+    P = len(shards)
+    mem = [_Memory() for _ in range(P)]
+    dqs, deltas = [], []
+    for r, (q, k, v) in enumerate(shards):
+        dqs.append(torch.zeros(q.shape, dtype=torch.float32, device=q.device))
+        deltas.append((douts[r].float() * outs[r].float()).sum(-1))
+        mem[r].hold("qkv+out+dout+lse", q, k, v, outs[r], douts[r], lses[r])
+        mem[r].hold("dq", dqs[r])
+    travel = []
+    for r, (_, k, v) in enumerate(shards):
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        travel.append((k, v, dk, torch.zeros_like(dk), r))
+        mem[r].hold("dkv", dk, dk)
+    trace.work["backward"], trace.holds["backward"] = [], []
+    for t in range(P):
+        work, holds = [], []
+        for r, (q, _, _) in enumerate(shards):
+            k, v, dk, dv, src = travel[r]
+            mem[r].transient(2 * _score_bytes("torch", segs[r], segs[src], q))
+            w, qi = 0, 0
+            for qs in segs[r]:
+                ki = 0
+                for ks in segs[src]:
+                    rows, cols = slice(qi, qi + qs.length), slice(ki, ki + ks.length)
+                    ki += ks.length
+                    offset = pair_offset(qs, ks) if causal else None
+                    n = visible_pairs(offset, qs.length, ks.length) if causal else qs.length * ks.length
+                    if n == 0:
+                        continue
+                    g = block_attention_backward(q[..., rows, :], k[..., cols, :], v[..., cols, :],
+                                                 douts[r][..., rows, :], lses[r][..., rows],
+                                                 deltas[r][..., rows], sm_scale=sm_scale,
+                                                 causal_offset=offset)
+                    dqs[r][..., rows, :] += g[0]
+                    dk[..., cols, :] += g[1]
+                    dv[..., cols, :] += g[2]
+                    w += n
+                qi += qs.length
+            work.append(w), holds.append(src)
+        trace.work["backward"].append(work)
+        trace.holds["backward"].append(holds)
+        if P > 1:
+            moved = [None] * P
+            for r in range(P):
+                k, v, dk, dv, src = travel[r]
+                dst = (r + 1) % P
+                if t < P - 1:
+                    moved[dst] = (*_send(trace, "backward", t, r, dst, "kv+dkv", k, v, dk, dv), src)
+                else:  # the last hop: only the gradients go home (dst == src)
+                    moved[dst] = (None, None, *_send(trace, "backward", t, r, dst, "dkv", dk, dv), src)
+            travel = moved
+            for r in range(P):
+                k, v, dk, dv, _ = travel[r]
+                mem[r].hold("dkv", dk, dv)
+                if k is not None:
+                    mem[r].hold("kv", k, v)
+    trace.peak_bytes["backward"] = [m.peak for m in mem]
+    return [(dqs[r], travel[r][2], travel[r][3]) for r in range(P)]
+
+
+def _check_qkv(q, k, v, world_size):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, N, D], got {got}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q.dtype must be one of {FLOAT_DTYPES}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name}.shape {tuple(t.shape)} must equal q.shape {tuple(q.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype ({t.dtype}) must equal q.dtype ({q.dtype})")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+
+
+def check_ring_args(q, k, v, world_size, layout):
+    """ValueError naming the argument unless q, k, v [B, H, N, D] can be sharded ``layout``-wise."""
+    _check_qkv(q, k, v, world_size)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    n, parts = q.shape[2], (2 * world_size if layout == "zigzag" else world_size)
+    if n == 0 or n % parts:
+        raise ValueError(f"sequence length N = {n} must be a positive multiple of "
+                         f"{parts} ({'2 * ' if layout == 'zigzag' else ''}world_size) "
+                         f"for layout {layout!r}")
+
+
+class _RingAttention(torch.autograd.Function):
+    """Forward and backward both run on the simulated ring, shard by shard."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, world_size, causal, layout, sm_scale, backend, trace):
+        segs = shard_segments(q.shape[2], world_size, layout)
+        idx = [positions_of(s).to(q.device) for s in segs]
+        shards = [(q[:, :, i], k[:, :, i], v[:, :, i]) for i in idx]
+        acc = ring_forward(shards, segs, causal=causal, sm_scale=sm_scale, backend=backend,
+                           trace=trace)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        for i, (o, l) in zip(idx, acc):
+            out[:, :, i], lse[:, :, i] = o.to(q.dtype), l
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (segs, idx, causal, sm_scale, trace)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        segs, idx, causal, sm_scale, trace = ctx.args
+        shards = [(q[:, :, i], k[:, :, i], v[:, :, i]) for i in idx]
+        grads = ring_backward(shards, [out[:, :, i] for i in idx], [lse[:, :, i] for i in idx],
+                              [dout[:, :, i] for i in idx], segs, causal=causal,
+                              sm_scale=sm_scale, trace=trace)
+        dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+        for i, (gq, gk, gv) in zip(idx, grads):
+            dq[:, :, i], dk[:, :, i], dv[:, :, i] = gq.to(q.dtype), gk.to(q.dtype), gv.to(q.dtype)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def ring_attention(q, k, v, *, world_size, causal=False, layout="contiguous", sm_scale=None,
+                   backend="torch", trace=None):
+    """Self-attention of q, k, v [B, H, N, D] on ``world_size`` simulated devices in a ring.
+
+    Equals softmax(sm_scale q k^T + causal mask) v exactly (up to fp32 rounding). Pass a
+    ``RingTrace`` to get the message log, the work per step and the peak memory per device;
+    the backward adds its messages to the same trace. ``backend`` "triton" runs each block
+    with the flash-attention kernel of ``refimpl.kernels.ring`` (forward only; the backward
+    blocks are plain torch).
+    """
+    check_ring_args(q, k, v, world_size, layout)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    trace = RingTrace() if trace is None else trace
+    return _RingAttention.apply(q, k, v, world_size, bool(causal), layout, sm_scale, backend, trace)
+
+
+def ulysses_attention(q, k, v, *, world_size, causal=False, sm_scale=None, trace=None):
+    """DeepSpeed-Ulysses on simulated devices: all-to-all from sequence-sharded [B, H, N/P, D]
+    to head-sharded [B, H/P, N, D] for q, k, v; full attention per head group; all-to-all back.
+    Gradients flow through autograd (the transpose of an all-to-all is an all-to-all)."""
+    _check_qkv(q, k, v, world_size)
+    B, H, N, D = q.shape
+    P = world_size
+    if H % P:
+        raise ValueError(f"heads H = {H} must be divisible by world_size = {P} for Ulysses")
+    if N == 0 or N % P:
+        raise ValueError(f"sequence length N = {N} must be a positive multiple of world_size = {P}")
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    trace = RingTrace() if trace is None else trace
+    c, hp = N // P, H // P
+    mem = [_Memory() for _ in range(P)]
+    seq_shards = [[x[:, :, r * c:(r + 1) * c] for x in (q, k, v)] for r in range(P)]
+    for r in range(P):
+        mem[r].hold("qkv", *seq_shards[r])
+
+    def all_to_all(step, what, pieces):  # pieces[r][s]: what rank r sends to rank s
+        return [[pieces[r][s] if r == s else _send(trace, "forward", step, r, s, what, pieces[r][s])[0]
+                 for r in range(P)] for s in range(P)]
+
+    head_shards = []
+    for j, name in enumerate("qkv"):
+        got = all_to_all(0, name, [[seq_shards[r][j][:, s * hp:(s + 1) * hp] for s in range(P)]
+                                   for r in range(P)])
+        head_shards.append([torch.cat(got[s], dim=2) for s in range(P)])  # [B, H/P, N, D]
+    outs = []
+    for s in range(P):
+        mem[s].hold("qkv_heads", *(h[s] for h in head_shards))
+        mem[s].transient(B * hp * N * N * 4)
+        o, _ = block_attention(*(h[s] for h in head_shards), sm_scale=sm_scale,
+                               causal_offset=0 if causal else None)
+        outs.append(o.to(q.dtype))
+        mem[s].hold("out_heads", outs[s])
+    back = all_to_all(1, "out", [[outs[s][:, :, r * c:(r + 1) * c] for r in range(P)]
+                                 for s in range(P)])
+    trace.peak_bytes["forward"] = [m.peak for m in mem]
+    return torch.cat([torch.cat(back[r], dim=1) for r in range(P)], dim=2)
+
+
+def comm_volume(scheme, *, seq_len, world_size, heads, head_dim, batch=1,
+                dtype=torch.float32, backward=False) -> int:
+    """Bytes one device sends for one attention layer (self-attention, H query = K/V heads).
+
+    ring (pass-KV): P - 1 hops of its K and V block, 2 B H (N/P) D each hop, i.e. about
+    2 N H D (P-1)/P elements; backward adds P - 1 hops of K, V with fp32 dK, dV and a last hop
+    of dK, dV home. allgather: the same forward bytes (a ring all-gather of K, V), but every
+    device then holds all of K, V; backward reduce-scatters dK, dV in fp32. ulysses: four
+    all-to-alls (q, k, v, out), each keeping 1/P of a device's shard, i.e.
+    4 N H D (P-1) / P^2 elements: constant when N and P grow together.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    for name, val in (("seq_len", seq_len), ("world_size", world_size), ("heads", heads),
+                      ("head_dim", head_dim), ("batch", batch)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+    P = world_size
+    if seq_len % P:
+        raise ValueError(f"seq_len = {seq_len} must be a multiple of world_size = {P}")
+    e = torch.empty(0, dtype=dtype).element_size()
+    block = batch * heads * (seq_len // P) * head_dim  # elements of one K (or V) shard
+    if scheme == "ulysses":
+        if heads % P:
+            raise ValueError(f"heads = {heads} must be divisible by world_size = {P} for Ulysses")
+        fwd = 4 * (P - 1) * (block // P) * e
+        return fwd * (2 if backward else 1)
+    fwd = 2 * (P - 1) * block * e
+    if not backward or P == 1:
+        return fwd
+    if scheme == "ring":
+        return fwd + 2 * (P - 1) * block * e + 2 * P * block * 4
+    return fwd + 2 * (P - 1) * block * 4
