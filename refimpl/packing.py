@@ -1,0 +1,309 @@
+"""Prefix packing (Zhao et al. 2024, "Prepacking") and padding-free attention
+(Zhai et al. 2022, "ByteTransformer"; "Boosting Distributed Training Performance
+of the Unpadded BERT Model", 2022).
+
+A padded batch spends compute on pad slots: n prompts of lengths l_i padded to
+max(l) cost n * max(l) token slots (and n * max(l)^2 attention scores) for
+sum(l) real tokens. Prepacking puts several prompts into one row with a bin
+packing heuristic (first-fit / best-fit decreasing), restarts the position ids
+at 0 for each prompt, and uses a block-diagonal causal mask so that no prompt
+sees another. Padding-free attention goes further: all prompts form one token
+stream and ``cu_seqlens`` (cumulative lengths, int32, starting at 0) tells the
+attention where each sequence begins.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from refimpl.lm import KVCache, additive_mask
+
+ALGORITHMS = ("ffd", "bfd")
+
+
+# ---------------------------------------------------------------- bin packing
+
+def _check_lengths(lengths, capacity):
+    lengths = [int(n) for n in lengths]
+    if not lengths:
+        raise ValueError("lengths must not be empty")
+    if capacity is None or int(capacity) < 1:
+        raise ValueError(f"capacity must be an int >= 1, got {capacity}")
+    capacity = int(capacity)
+    for i, n in enumerate(lengths):
+        if not 1 <= n <= capacity:
+            raise ValueError(f"lengths[{i}] = {n} must be in [1, capacity={capacity}]")
+    return lengths, capacity
+
+
+def first_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
+    """Bins (lists of item indices): longest item first, into the first bin it fits (FFD <= 11/9 OPT + 6/9)."""
+    lengths, capacity = _check_lengths(lengths, capacity)
+    bins, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b, f in enumerate(free) if f >= lengths[i]), None)
+        if b is None:
+            bins.append([]), free.append(capacity)
+            b = len(bins) - 1
+        bins[b].append(i)
+        free[b] -= lengths[i]
+    return bins
+
+
+def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
+    """Bins: longest item first, into the fullest bin it still fits in."""
+    lengths, capacity = _check_lengths(lengths, capacity)
+    bins, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [b for b, f in enumerate(free) if f >= lengths[i]]
+        if fits:
+            b = min(fits, key=lambda b: free[b])
+        else:
+            bins.append([]), free.append(capacity)
+            b = len(bins) - 1
+        bins[b].append(i)
+        free[b] -= lengths[i]
+    return bins
+
+
+def lower_bound(lengths, capacity: int) -> int:
+    """No packing can use fewer than ceil(sum(lengths) / capacity) bins."""
+    lengths, capacity = _check_lengths(lengths, capacity)
+    return math.ceil(sum(lengths) / capacity)
+
+
+def optimal_bins(lengths, capacity: int, max_items: int = 10) -> int:
+    """The fewest bins, by exhaustive search (every item into every open bin or a new one)."""
+    lengths, capacity = _check_lengths(lengths, capacity)
+    if len(lengths) > max_items:
+        raise ValueError(f"exhaustive search is for at most max_items={max_items} items, got {len(lengths)}")
+    items = sorted(lengths, reverse=True)
+    best = len(items)
+
+    def place(k, free):
+        nonlocal best
+        if len(free) >= best:
+            return
+        if k == len(items):
+            best = len(free)
+            return
+        tried = set()
+        for b, f in enumerate(free):
+            if f >= items[k] and f not in tried:  # bins with equal free space are interchangeable
+                tried.add(f)
+                free[b] -= items[k]
+                place(k + 1, free)
+                free[b] += items[k]
+        place(k + 1, free + [capacity - items[k]])
+
+    place(0, [])
+    return best
+
+
+# ---------------------------------------------------------------- packing
+
+@dataclass(frozen=True)
+class Placement:
+    row: int
+    start: int
+    length: int
+
+
+@dataclass
+class Packed:
+    """Prompts packed into rows. Tensors are [R, L]; ``attn_mask`` is [R, 1, L, L]."""
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor   # index of the prompt (input order) at each slot, -1 on padding
+    attn_mask: torch.Tensor     # additive, block-diagonal causal
+    cu_seqlens: torch.Tensor    # int32 (n + 1,): prompt boundaries in the padding-free stream
+    placements: list[Placement]  # per prompt, in input order
+    capacity: int
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / computed slots."""
+        return sum(p.length for p in self.placements) / self.input_ids.numel()
+
+
+def _as_prompts(prompts, max_length=None, name="prompts"):
+    if isinstance(prompts, torch.Tensor) or not len(prompts):
+        raise ValueError(f"{name} must be a non-empty list of token lists / 1-D integer tensors")
+    out = []
+    for i, p in enumerate(prompts):
+        t = torch.as_tensor(p)
+        if t.ndim != 1 or t.is_floating_point() or t.numel() < 1:
+            raise ValueError(f"{name}[{i}] must be a non-empty 1-D sequence of token ids")
+        if max_length is not None and t.numel() > max_length:
+            raise ValueError(f"{name}[{i}] has {t.numel()} tokens, more than the model's "
+                             f"context block_size={max_length}")
+        out.append(t.long())
+    return out
+
+
+def block_causal_allowed(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [..., L, L]: query i sees key j iff same prompt and j <= i (a pad slot sees itself)."""
+    L = segment_ids.shape[-1]
+    same = segment_ids[..., :, None] == segment_ids[..., None, :]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()
+    real = (segment_ids >= 0)[..., :, None]
+    return (same & causal & real) | torch.eye(L, dtype=torch.bool, device=segment_ids.device)
+
+
+def pack_prompts(prompts, capacity=None, algorithm="ffd", pad_id=0) -> Packed:
+    """Pack prompts into rows of at most ``capacity`` tokens (default: the longest prompt)."""
+    prompts = _as_prompts(prompts)
+    lengths = [len(p) for p in prompts]
+    if capacity is None:
+        capacity = max(lengths)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+    if max(lengths) > capacity:
+        raise ValueError(f"capacity={capacity} is shorter than the longest prompt ({max(lengths)} tokens)")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    bins = (first_fit_decreasing if algorithm == "ffd" else best_fit_decreasing)(lengths, capacity)
+    L = max(sum(lengths[i] for i in b) for b in bins)
+    input_ids = torch.full((len(bins), L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(len(bins), L, dtype=torch.long)
+    segment_ids = torch.full((len(bins), L), -1, dtype=torch.long)
+    placements = [None] * len(prompts)
+    for row, b in enumerate(bins):
+        start = 0
+        for i in b:
+            n = lengths[i]
+            input_ids[row, start:start + n] = prompts[i]
+            position_ids[row, start:start + n] = torch.arange(n)
+            segment_ids[row, start:start + n] = i
+            placements[i] = Placement(row, start, n)
+            start += n
+    cu_seqlens = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    attn_mask = additive_mask(block_causal_allowed(segment_ids))[:, None]
+    return Packed(input_ids, position_ids, segment_ids, attn_mask, cu_seqlens, placements, capacity)
+
+
+def unpack(packed: Packed, values: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per prompt (input order), its slots of ``values`` [R, L, ...] (default: the token ids)."""
+    values = packed.input_ids if values is None else values
+    if values.shape[:2] != packed.input_ids.shape:
+        raise ValueError(f"values must start with the packed shape {tuple(packed.input_ids.shape)}, "
+                         f"got {tuple(values.shape)}")
+    return [values[p.row, p.start:p.start + p.length] for p in packed.placements]
+
+
+# ---------------------------------------------------------------- prefill and decoding
+
+@torch.no_grad()
+def packed_prefill(model, prompts, capacity=None, algorithm="ffd"):
+    """One forward over the packed rows; returns (last_logits [n, V], one batch-1 cache per prompt)."""
+    prompts = _as_prompts(prompts, model.config.block_size)
+    if capacity is not None and not isinstance(capacity, bool) and isinstance(capacity, int) \
+            and capacity > model.config.block_size:
+        raise ValueError(f"capacity must be in [1, block_size={model.config.block_size}], got {capacity}")
+    packed = pack_prompts(prompts, capacity, algorithm)
+    cache = model.empty_cache(packed.input_ids.shape[0])
+    logits = model(packed.input_ids, position_ids=packed.position_ids,
+                   attn_mask=packed.attn_mask, cache=cache)
+    last = torch.stack([logits[p.row, p.start + p.length - 1] for p in packed.placements])
+    return last, [cache.extract(p.row, p.start, p.length) for p in packed.placements]
+
+
+def pad_cache(cache, length: int):
+    """A copy of a batch-1 cache stretched to ``length`` positions with zeros (to be masked out)."""
+    if length < len(cache):
+        raise ValueError(f"length must be >= len(cache) = {len(cache)}, got {length}")
+    if isinstance(cache, KVCache):
+        out = cache.extract(0, 0, len(cache))  # positions past the length are zeros
+        out.length = length
+        return out
+    from refimpl.hf import HFCache
+    from transformers import DynamicCache
+    pad = length - len(cache)
+    data = [(F.pad(layer.keys, (0, 0, 0, pad)), F.pad(layer.values, (0, 0, 0, pad)))
+            for layer in cache._layers()]
+    return HFCache(1, DynamicCache(data))
+
+
+@torch.no_grad()
+def generate_packed(model, prompts, max_new_tokens: int, capacity=None) -> list[list[int]]:
+    """Greedy continuations: packed prefill, then all prompts decoded as one batch.
+
+    The per-prompt caches are right-padded to the longest prompt P and stacked;
+    at step t row b's new token sits at cache slot P + t with position id l_b + t
+    and may see slots [0, l_b) and [P, P + t].
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    prompts = _as_prompts(prompts, model.config.block_size)
+    lengths = torch.tensor([len(p) for p in prompts])
+    P = int(lengths.max())
+    if P + max_new_tokens > model.config.block_size:
+        raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"block_size={model.config.block_size}")
+    last, caches = packed_prefill(model, prompts, capacity)
+    cache = type(caches[0]).stack([pad_cache(c, P) for c in caches])
+    nxt = last.argmax(dim=-1)
+    out = [nxt]
+    slots = torch.arange(P + max_new_tokens)
+    for t in range(max_new_tokens - 1):
+        S = P + t + 1
+        allowed = (slots[None, :S] < lengths[:, None]) | (slots[None, :S] >= P)
+        logits = model(nxt[:, None], position_ids=(lengths + t)[:, None],
+                       attn_mask=additive_mask(allowed)[:, None, None], cache=cache)
+        nxt = logits[:, -1].argmax(dim=-1)
+        out.append(nxt)
+    return torch.stack(out, dim=1).tolist()
+
+
+# ---------------------------------------------------------------- padding-free
+
+def _check_varlen(q, k, v, cu_seqlens):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 3:
+            raise ValueError(f"{name} must be a 3-D tensor [N, H, D] (all sequences concatenated)")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one shape [N, H, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1 \
+            or len(cu_seqlens) < 2:
+        raise ValueError("cu_seqlens must be a 1-D int32 tensor of n + 1 >= 2 offsets")
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0] or bool((cu_seqlens.diff() < 1).any()):
+        raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at N={q.shape[0]}")
+
+
+def varlen_attention(q, k, v, cu_seqlens, causal=True):
+    """Attention over a concatenated stream q, k, v [N, H, D]; sequence i is rows cu[i]:cu[i+1]."""
+    _check_varlen(q, k, v, cu_seqlens)
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qi, ki, vi = (t[a:b].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
+        out[a:b] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal).transpose(0, 1)
+    return out
+
+
+@torch.no_grad()
+def padding_free_prefill(model, prompts, attention=varlen_attention):
+    """TinyGPT's forward over one token stream without any padding; returns last_logits [n, V].
+
+    Every op but attention is per token, so it runs on [N, C]; attention is the varlen one.
+    """
+    from refimpl.lm import TinyGPT
+    if not isinstance(model, TinyGPT):
+        raise ValueError(f"model must be a refimpl.lm.TinyGPT, got {type(model).__name__}")
+    prompts = _as_prompts(prompts, model.config.block_size)
+    ids = torch.cat(prompts)
+    lengths = torch.tensor([len(p) for p in prompts])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
+    pos = torch.arange(len(ids)) - torch.repeat_interleave(cu[:-1].long(), lengths)
+    N, C, H = len(ids), model.config.n_embd, model.config.n_head
+    x = model.tok_emb(ids) + model.pos_emb(pos)
+    for block in model.blocks:
+        q, k, v = (t.reshape(N, H, C // H) for t in block.attn.qkv(block.ln1(x)).split(C, dim=-1))
+        x = x + block.attn.proj(attention(q, k, v, cu).reshape(N, C))
+        x = x + block.mlp(block.ln2(x))
+    return model.lm_head(model.ln_f(x[cu[1:].long() - 1]))

@@ -1,0 +1,295 @@
+"""refimpl.packing: prefix packing and padding-free prefill.
+
+Oracles: each prompt run alone through the same model (TinyGPT, the trained
+target, GPT-2 and Llama from HF transformers), ``lm.generate`` greedy per
+prompt, brute-force bin packing over every assignment, the FFD bound of Dósa
+(2007) and the Best Fit bound of Dósa & Sgall (2014), and plain softmax
+attention written out per sequence.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from refimpl import lm
+from refimpl.hf import HFCausalLM
+from refimpl.packing import (best_fit_decreasing, first_fit_decreasing, generate_packed, lower_bound,
+                             optimal_bins, pack_prompts, packed_prefill, padding_free_prefill, unpack,
+                             varlen_attention)
+
+V, BLOCK, ATOL = 50, 64, 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build(arch):
+    torch.manual_seed(0)
+    if arch == "tiny":
+        return lm.TinyGPT(lm.GPTConfig(vocab_size=V, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)).eval()
+    if arch == "gpt2":
+        return HFCausalLM(GPT2LMHeadModel(GPT2Config(
+            n_layer=2, n_head=2, n_embd=32, vocab_size=V, n_positions=BLOCK,
+            attn_implementation="sdpa")).eval())
+    return HFCausalLM(LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=V, max_position_embeddings=BLOCK,
+        attn_implementation="sdpa")).eval())
+
+
+def random_prompts(lengths, seed=1, vocab=V):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+@torch.no_grad()
+def alone(model, prompts):
+    return torch.stack([model(p[None])[0, -1] for p in prompts])
+
+
+LENGTHS = [7, 1, 19, 4, 12, 3, 9, 16]
+
+
+@pytest.mark.parametrize("arch", ["tiny", "gpt2", "llama"])
+@pytest.mark.parametrize("capacity", [None, 24])
+def test_packed_prefill_equals_each_prompt_alone(arch, capacity):
+    model = build(arch)
+    prompts = random_prompts(LENGTHS)
+    last, caches = packed_prefill(model, prompts, capacity)
+    torch.testing.assert_close(last, alone(model, prompts), atol=ATOL, rtol=0)
+    assert [len(c) for c in caches] == LENGTHS
+
+
+def test_packed_prefill_on_trained_target():
+    model = lm.load("target")
+    prompts = random_prompts([40, 3, 25, 60, 1, 17], seed=5, vocab=model.config.vocab_size)
+    last, _ = packed_prefill(model, prompts, capacity=64)
+    torch.testing.assert_close(last, alone(model, prompts), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "gpt2", "llama"])
+def test_extracted_cache_continues_like_the_prompt_alone(arch):
+    model = build(arch)
+    prompts = random_prompts([5, 11, 2], seed=2)
+    _, caches = packed_prefill(model, prompts, capacity=20)
+    nxt = torch.tensor([[3]])
+    for p, cache in zip(prompts, caches):
+        with torch.no_grad():
+            got = model(nxt, cache=cache)[0, -1]
+            want = model(torch.cat([p, nxt[0]])[None])[0, -1]
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "gpt2", "llama"])
+def test_generate_packed_equals_per_prompt_greedy(arch):
+    model = build(arch)
+    prompts = random_prompts(LENGTHS, seed=3)
+    got = generate_packed(model, prompts, max_new_tokens=8)
+    want = [lm.generate(model, p[None], 8, temperature=0)[0, len(p):].tolist() for p in prompts]
+    assert got == want
+
+
+def test_restarting_positions_without_the_mask_leak_across_prompts():
+    model = build("tiny")
+    prompts = random_prompts([6, 9], seed=4)
+    packed = pack_prompts(prompts, capacity=15)
+    assert packed.input_ids.shape[0] == 1
+    want = alone(model, prompts)
+    second = max(range(2), key=lambda i: packed.placements[i].start)  # the prompt placed after the other
+    p = packed.placements[second]
+    assert p.start > 0
+    with torch.no_grad():
+        leaky = model(packed.input_ids, position_ids=packed.position_ids)  # plain causal mask
+        fixed = model(packed.input_ids, position_ids=packed.position_ids, attn_mask=packed.attn_mask)
+    assert (leaky[0, p.start + p.length - 1] - want[second]).abs().max() > 1e-3
+    torch.testing.assert_close(fixed[0, p.start + p.length - 1], want[second], atol=ATOL, rtol=0)
+
+
+def test_packed_layout():
+    prompts = random_prompts([3, 2, 4], seed=6)
+    packed = pack_prompts(prompts, capacity=5)
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens.tolist() == [0, 3, 5, 9]
+    for i, pl in enumerate(packed.placements):
+        seg = packed.segment_ids[pl.row, pl.start:pl.start + pl.length]
+        assert seg.tolist() == [i] * pl.length
+        assert packed.position_ids[pl.row, pl.start:pl.start + pl.length].tolist() == list(range(pl.length))
+    assert packed.input_ids.shape == (2, 5)  # FFD: {4} and {3, 2}
+    assert (packed.segment_ids == -1).sum() == 10 - 9
+    # the mask, rebuilt with a loop over slots
+    R, L = packed.input_ids.shape
+    for r, i, j in itertools.product(range(R), range(L), range(L)):
+        s = packed.segment_ids[r]
+        ok = (s[i] == s[j] and s[i] >= 0 and j <= i) or i == j
+        assert (packed.attn_mask[r, 0, i, j] == 0) == ok
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 20), min_size=1, max_size=25), st.integers(0, 15),
+       st.sampled_from(["ffd", "bfd"]))
+def test_pack_unpack_round_trip_capacity_and_each_prompt_once(lengths, extra, algorithm):
+    capacity = max(lengths) + extra
+    prompts = random_prompts(lengths)
+    packed = pack_prompts(prompts, capacity, algorithm)
+    for p, q in zip(unpack(packed), prompts):
+        assert torch.equal(p, q)
+    assert ((packed.segment_ids >= 0).sum(1) <= capacity).all()
+    counts = torch.bincount(packed.segment_ids[packed.segment_ids >= 0], minlength=len(lengths))
+    assert counts.tolist() == lengths
+    assert packed.input_ids.shape[0] >= lower_bound(lengths, capacity)
+
+
+def brute_force_bins(lengths, capacity):
+    n = len(lengths)
+    best = n
+    for assign in itertools.product(range(n), repeat=n):
+        if assign[0] != 0:
+            continue
+        load = [0] * n
+        for i, b in enumerate(assign):
+            load[b] += lengths[i]
+        if max(load) <= capacity:
+            best = min(best, len(set(assign)))
+    return best
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 10), min_size=1, max_size=6), st.integers(0, 8))
+def test_optimal_bins_equals_brute_force(lengths, extra):
+    capacity = max(lengths) + extra
+    assert optimal_bins(lengths, capacity) == brute_force_bins(lengths, capacity)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=10), st.integers(0, 20))
+def test_heuristics_between_the_bound_and_the_known_guarantees(lengths, extra):
+    capacity = max(lengths) + extra
+    opt = optimal_bins(lengths, capacity)
+    ffd = len(first_fit_decreasing(lengths, capacity))
+    bfd = len(best_fit_decreasing(lengths, capacity))
+    assert lower_bound(lengths, capacity) <= opt <= min(ffd, bfd)
+    assert ffd <= 11 / 9 * opt + 6 / 9  # Dósa 2007, tight
+    assert bfd <= math.floor(1.7 * opt)  # Best Fit, any order (Dósa & Sgall 2014)
+
+
+def test_ffd_is_not_always_optimal():
+    lengths, capacity = [4, 4, 3, 3, 3, 3], 10  # OPT 2: {4, 3, 3} twice; FFD: {4, 4}, {3, 3, 3}, {3}
+    assert optimal_bins(lengths, capacity) == 2 == lower_bound(lengths, capacity)
+    assert len(first_fit_decreasing(lengths, capacity)) == 3
+
+
+def reference_varlen(q, k, v, lengths, causal):
+    out, start = [], 0
+    for n in lengths:
+        qi, ki, vi = (t[start:start + n].transpose(0, 1).double() for t in (q, k, v))
+        s = qi @ ki.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if causal:
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        out.append((s.softmax(-1) @ vi).transpose(0, 1))
+        start += n
+    return torch.cat(out).float()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention_equals_per_sequence_softmax(causal):
+    lengths = [1, 7, 1, 30, 4]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), 3, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    torch.testing.assert_close(varlen_attention(q, k, v, cu, causal), reference_varlen(q, k, v, lengths, causal),
+                               atol=ATOL, rtol=0)
+
+
+def test_padding_free_prefill_equals_each_prompt_alone():
+    model = build("tiny")
+    prompts = random_prompts(LENGTHS, seed=7)
+    torch.testing.assert_close(padding_free_prefill(model, prompts), alone(model, prompts), atol=ATOL, rtol=0)
+
+
+def test_bad_input():
+    model = build("tiny")
+    ok = random_prompts([3, 4])
+    with pytest.raises(ValueError, match="capacity"):
+        pack_prompts(ok, capacity=3)  # a prompt longer than the capacity
+    with pytest.raises(ValueError, match="capacity"):
+        pack_prompts(ok, capacity=0)
+    with pytest.raises(ValueError, match="prompts"):
+        pack_prompts([torch.tensor([1]), torch.tensor([], dtype=torch.long)])
+    with pytest.raises(ValueError, match="prompts"):
+        pack_prompts([])
+    with pytest.raises(ValueError, match="algorithm"):
+        pack_prompts(ok, algorithm="nfd")
+    with pytest.raises(ValueError, match="block_size"):
+        packed_prefill(model, [torch.zeros(BLOCK + 1, dtype=torch.long)])
+    with pytest.raises(ValueError, match="capacity"):
+        packed_prefill(model, ok, capacity=BLOCK + 1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_packed(model, ok, 0)
+    with pytest.raises(ValueError, match="block_size"):
+        generate_packed(model, ok, BLOCK)
+    with pytest.raises(ValueError, match="capacity"):
+        first_fit_decreasing([3], 0)
+    with pytest.raises(ValueError, match="max_items"):
+        optimal_bins([1] * 11, 5)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    q = torch.zeros(5, 1, 4)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        varlen_attention(q, q, q, cu.long())
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        varlen_attention(q, q, q, torch.tensor([0, 2, 2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="model"):
+        padding_free_prefill(build("gpt2"), ok)
+
+
+def replay_choices(lengths, capacity, bins):
+    """For each item (longest first), the free space of every open bin and the bin it went to."""
+    bin_of = {i: b for b, items in enumerate(bins) for i in items}
+    free, steps = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = bin_of[i]
+        steps.append((lengths[i], list(free), b))
+        if b == len(free):
+            free.append(capacity)
+        free[b] -= lengths[i]
+    return steps
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=30), st.integers(0, 30))
+def test_ffd_takes_the_first_bin_and_bfd_the_fullest(lengths, extra):
+    capacity = max(lengths) + extra
+    for item, free, b in replay_choices(lengths, capacity, first_fit_decreasing(lengths, capacity)):
+        fits = [j for j, f in enumerate(free) if f >= item]
+        assert b == (fits[0] if fits else len(free))
+    for item, free, b in replay_choices(lengths, capacity, best_fit_decreasing(lengths, capacity)):
+        fits = [f for f in free if f >= item]
+        assert (b < len(free) and free[b] == min(fits)) if fits else b == len(free)
+
+
+def test_benchmark_paths_agree_and_lengths_stay_in_range():
+    import random
+
+    from refimpl.benchmarks.packing import padded_prefill, peak_bytes, prepacked_prefill, sample_lengths
+    model = build("tiny")
+    prompts = random_prompts(LENGTHS, seed=8)
+    want = alone(model, prompts)
+    for fn in (padded_prefill, prepacked_prefill, padding_free_prefill):
+        torch.testing.assert_close(fn(model, prompts), want, atol=ATOL, rtol=0)
+    corpus = "ab\n\nabcdef\n" + "x" * 300 + "\n"
+    for dist in ("uniform", "lognormal", "corpus"):
+        lengths = sample_lengths(dist, 200, BLOCK, random.Random(0), corpus)
+        assert len(lengths) == 200 and 1 <= min(lengths) and max(lengths) <= BLOCK
+    assert set(sample_lengths("corpus", 50, BLOCK, random.Random(0), corpus)) == {3, 7, BLOCK}
+    with pytest.raises(ValueError, match="distribution"):
+        sample_lengths("zipf", 3, BLOCK, random.Random(0), corpus)
+    import ctypes
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # as run() does: big buffers are fresh mmaps
+    assert peak_bytes(lambda: torch.ones(8 * 2**20).sum()) >= 30 * 2**20  # a 32 MiB temporary
