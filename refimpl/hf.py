@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
+from refimpl.lm import check_forward_args
+
 
 @dataclass(frozen=True)
 class HFConfig:
@@ -152,12 +154,7 @@ class HFCausalLM(nn.Module):
     def empty_cache(self, batch_size: int) -> HFCache:
         return HFCache(batch_size)
 
-    def _check_mask(self, attn_mask, B, T, S):
-        if attn_mask.ndim != 4 or attn_mask.shape[1:] != (1, T, S) or attn_mask.shape[0] not in (1, B):
-            raise ValueError(f"attn_mask must be an additive float mask [B, 1, T, S] = "
-                             f"[{B}, 1, {T}, {S}], got {tuple(attn_mask.shape)}")
-        if not attn_mask.is_floating_point():
-            raise ValueError("attn_mask must be additive (float), not boolean; see lm.additive_mask()")
+    def _check_gpt2_eager(self, attn_mask, T, S):
         hf = self.hf.config
         if hf.model_type == "gpt2" and hf._attn_implementation == "eager":
             # GPT-2 eager attention applies module.bias (causal) before adding our mask.
@@ -169,27 +166,14 @@ class HFCausalLM(nn.Module):
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
         """Logits [B, T, V] for ``input_ids`` [B, T] after the tokens already in ``cache``."""
-        if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} "
-                             f"of shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
         if cache is not None and not isinstance(cache, HFCache):
             raise TypeError(f"cache must come from empty_cache(), got {type(cache).__name__}")
-        past = 0 if cache is None else len(cache)
-        S = past + T
-        if T < 1 or S > self.config.block_size:
-            raise ValueError(f"input_ids has {T} new tokens after {past} cached ones; the total "
-                             f"must be in [1, block_size={self.config.block_size}]")
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {B}")
+        B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
+                                        self.config.block_size)
         if position_ids is not None:
-            if position_ids.shape not in ((B, T), (T,)) or position_ids.is_floating_point() or (
-                    position_ids.min() < 0 or position_ids.max() >= self.config.block_size):
-                raise ValueError(f"position_ids must be integer [B, T] = [{B}, {T}] with values in "
-                                 f"[0, {self.config.block_size})")
             position_ids = position_ids.long().expand(B, T)
         if attn_mask is not None:
-            self._check_mask(attn_mask, B, T, S)
+            self._check_gpt2_eager(attn_mask, T, past + T)
             dtype = self.hf.dtype  # sdpa wants the mask in the query's dtype
             if attn_mask.dtype != dtype:  # clamp: fp32's minimum becomes -inf in fp16
                 attn_mask = attn_mask.to(dtype).clamp_min(torch.finfo(dtype).min)

@@ -81,6 +81,36 @@ def attention(q, k, v, attn_mask=None, backend="sdpa"):
     return scores.softmax(dim=-1) @ v
 
 
+def check_forward_args(input_ids, position_ids, attn_mask, cache, block_size: int):
+    """Validate a call ``model(input_ids, position_ids, attn_mask, cache)``; return (B, T, past).
+
+    Shared by ``TinyGPT`` and ``hf.HFCausalLM`` so both refuse the same bad input.
+    """
+    if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} "
+                         f"of shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    past = 0 if cache is None else len(cache)
+    S = past + T
+    if T < 1 or S > block_size:
+        raise ValueError(f"input_ids has {T} new tokens after {past} cached ones; the total "
+                         f"must be in [1, block_size={block_size}]")
+    if cache is not None and cache.batch_size != B:
+        raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {B}")
+    if position_ids is not None and (
+            position_ids.shape not in ((B, T), (T,)) or position_ids.is_floating_point()
+            or position_ids.min() < 0 or position_ids.max() >= block_size):
+        raise ValueError(f"position_ids must be integer [B, T] = [{B}, {T}] with values in "
+                         f"[0, {block_size})")
+    if attn_mask is not None and (attn_mask.ndim != 4 or attn_mask.shape[1:] != (1, T, S)
+                                  or attn_mask.shape[0] not in (1, B)):
+        raise ValueError(f"attn_mask must be an additive float mask [B, 1, T, S] = "
+                         f"[{B}, 1, {T}, {S}], got {tuple(attn_mask.shape)}")
+    if attn_mask is not None and not attn_mask.is_floating_point():
+        raise ValueError("attn_mask must be additive (float), not boolean; see additive_mask()")
+    return B, T, past
+
+
 class KVCache:
     """Keys and values of every layer, preallocated to the context length.
 
@@ -260,29 +290,10 @@ class TinyGPT(nn.Module):
                        self.tok_emb.weight.device)
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
-        if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} "
-                             f"of shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        past = 0 if cache is None else len(cache)
-        S = past + T
-        if T < 1 or S > self.config.block_size:
-            raise ValueError(f"input_ids has {T} new tokens after {past} cached ones; the total "
-                             f"must be in [1, block_size={self.config.block_size}]")
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {B}")
+        B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
+                                        self.config.block_size)
         if position_ids is None:
-            position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
-        elif position_ids.shape not in ((B, T), (T,)) or position_ids.is_floating_point() or (
-                position_ids.min() < 0 or position_ids.max() >= self.config.block_size):
-            raise ValueError(f"position_ids must be [B, T] = [{B}, {T}] with values in "
-                             f"[0, {self.config.block_size})")
-        if attn_mask is not None and (attn_mask.ndim != 4 or attn_mask.shape[1:] != (1, T, S)
-                                      or attn_mask.shape[0] not in (1, B)):
-            raise ValueError(f"attn_mask must be an additive float mask [B, 1, T, S] = "
-                             f"[{B}, 1, {T}, {S}], got {tuple(attn_mask.shape)}")
-        if attn_mask is not None and not attn_mask.is_floating_point():
-            raise ValueError("attn_mask must be additive (float), not boolean; see additive_mask()")
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
         for layer, block in enumerate(self.blocks):
             x = block(x, attn_mask, cache, layer, self.attn_backend)
