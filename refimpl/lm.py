@@ -73,6 +73,10 @@ def attention(q, k, v, attn_mask=None, backend="sdpa"):
         return flash_attention(q, k, v, causal=True)[0]
     if attn_mask is None and T > 1:
         attn_mask = causal_mask(T, S, q.device, q.dtype)
+    elif attn_mask is not None and attn_mask.dtype != q.dtype:
+        # CPU SDPA in torch 2.13 gives wrong results for a mask in another dtype than q;
+        # clamp so that a float32 minimum does not become -inf in float16.
+        attn_mask = attn_mask.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])

@@ -43,6 +43,15 @@ def test_attention_matches_pytorch_sdpa():
 
 
 @torch.no_grad()
+def test_mask_in_another_dtype_than_the_queries():
+    q, k, v = torch.randn(3, 1, 2, 30, 8, dtype=torch.float64).unbind(0)
+    mask = causal_mask(20, 30)[None, None]  # float32 mask, float64 queries, > 16 keys
+    want = F.scaled_dot_product_attention(q[:, :, :20], k, v, attn_mask=mask.double())
+    for backend in ("sdpa", "math"):
+        torch.testing.assert_close(lm.attention(q[:, :, :20], k, v, mask, backend), want)
+
+
+@torch.no_grad()
 def test_backends_agree(model):
     x = ids(2, 20)
     want = model(x)
