@@ -1,0 +1,142 @@
+"""Speculative decoding benchmark: wall-clock tokens/s of autoregressive vs speculative decoding
+on the workbench target (batch 1), with each drafter, greedy and at temperature 1, beside the
+theory (Leviathan et al. 2022: E[tokens/call] = (1 - a^(g+1)) / (1 - a), gain / (g c + 1))."""
+import matplotlib.pyplot as plt
+import torch
+from tqdm.auto import tqdm
+
+from refimpl.bench import median_seconds, print_table, write_results
+from refimpl.data import CharTokenizer, splits
+from refimpl.lm import load
+from refimpl.speculative import (AdaptiveGamma, DraftModel, NGramTable, PromptLookup, acceptance_rate,
+                                 autoregressive_generate, expected_speedup, expected_tokens_per_call,
+                                 speculative_generate)
+
+PROMPT_START = 5000  # a fixed validation passage
+
+
+def copy_task(tok, val_ids, length=96, edits=(("the", "thy"), ("and", "but"))):
+    """An editing prompt: a passage, then a few words changed in its first line, re-started."""
+    passage = tok.decode(val_ids[PROMPT_START:PROMPT_START + length])
+    edited = passage
+    for old, new in edits:
+        edited = edited.replace(f" {old} ", f" {new} ", 1)
+    return torch.tensor([tok.encode(passage + "\n\n" + edited[:24])])
+
+
+@torch.no_grad()
+def measured_alpha(target, draft, seq, start, greedy, temperature=1.0):
+    """Mean per-position acceptance probability along ``seq`` after ``start``: sum min(p, q)
+    (sampling) or P(argmax agree) (greedy); the a of the theory."""
+    lp, lq = target(seq)[0, start - 1:-1], draft(seq)[0, start - 1:-1]
+    if greedy:
+        return float((lp.argmax(-1) == lq.argmax(-1)).double().mean())
+    return float(acceptance_rate(torch.softmax(lp / temperature, -1), torch.softmax(lq / temperature, -1)).mean())
+
+
+def run(new_tokens: int = 160, repeats: int = 3, gammas=(1, 2, 3, 4, 6, 8)) -> dict:
+    tok = CharTokenizer.from_corpus()
+    train_ids, val_ids = splits(tok)
+    target, draft = load("target"), load("draft")
+    prompt = val_ids[PROMPT_START:PROMPT_START + 32][None]
+    table = NGramTable.from_tokens(train_ids, tok.vocab_size, order=4)
+    drafters = {"draft model": lambda: DraftModel(draft),
+                "draft model, BiLD fallback 0.5": lambda: DraftModel(draft, stop_below=0.5),
+                "draft model, adaptive gamma": lambda: AdaptiveGamma(DraftModel(draft), start=4, max_gamma=8),
+                "n-gram table (order 4)": lambda: table,
+                "prompt lookup": lambda: PromptLookup(max_ngram=8)}
+
+    def paired(baseline, fn):
+        """Median seconds of two functions timed alternately, so that load on a shared machine
+        hits both alike."""
+        baseline(), fn()
+        a, b = [], []
+        for _ in range(repeats):
+            a.append(median_seconds(baseline, 1, warmup=0))
+            b.append(median_seconds(fn, 1, warmup=0))
+        return sorted(a)[len(a) // 2], sorted(b)[len(b) // 2]
+
+    # the cost ratio c: one draft call vs one target call, per generated token, batch 1
+    t_target, t_draft = paired(
+        lambda: autoregressive_generate(target, prompt, max_new_tokens=new_tokens, greedy=True),
+        lambda: autoregressive_generate(draft, prompt, max_new_tokens=new_tokens, greedy=True))
+    c = t_draft / t_target
+    rows, results = [], {"new_tokens": new_tokens, "prompt_tokens": prompt.shape[1], "repeats": repeats,
+                         "ms_per_token_target": 1e3 * t_target / new_tokens,
+                         "ms_per_token_draft": 1e3 * t_draft / new_tokens, "c": c}
+    cases = [(name, mode) for mode in ("greedy", "T=1") for name in drafters]
+    for name, mode in tqdm(cases, desc="drafters"):
+        greedy = mode == "greedy"
+        seed = 1234
+        ar = lambda: autoregressive_generate(target, prompt, max_new_tokens=new_tokens, greedy=greedy,  # noqa: E731
+                                             generator=torch.Generator().manual_seed(seed))
+        sp = lambda: speculative_generate(target, drafters[name](), prompt, max_new_tokens=new_tokens,  # noqa: E731
+                                          gamma=8 if "adaptive" in name else 4, greedy=greedy,
+                                          generator=torch.Generator().manual_seed(seed))
+        t_ar, t_sp = paired(ar, sp)
+        out, stats = sp()
+        row = {"drafter": name, "mode": mode, "tok_per_s_ar": new_tokens / t_ar,
+               "tok_per_s_spec": new_tokens / t_sp, "speedup": t_ar / t_sp,
+               "acceptance": stats.acceptance_rate, "tokens_per_call": stats.tokens_per_call,
+               "same_output": bool(torch.equal(out, ar())) if greedy else "n/a (sampled)"}
+        if name == "draft model":
+            a = measured_alpha(target, draft, out, prompt.shape[1], greedy)
+            row.update(alpha=a, theory_tokens_per_call=expected_tokens_per_call(a, 4),
+                       theory_speedup=expected_speedup(a, 4, c))
+        rows.append(row)
+
+    # the copy-heavy editing task: prompt lookup vs autoregressive, greedy
+    copy_prompt = copy_task(tok, val_ids)
+    n_copy = 96
+    for name, make in (("prompt lookup", lambda: PromptLookup(max_ngram=8)), ("draft model", lambda: DraftModel(draft))):
+        sp = lambda: speculative_generate(target, make(), copy_prompt, max_new_tokens=n_copy,  # noqa: E731
+                                          gamma=8 if name == "prompt lookup" else 4, greedy=True)
+        t_ar, t_sp = paired(lambda: autoregressive_generate(target, copy_prompt, max_new_tokens=n_copy,
+                                                            greedy=True), sp)
+        out, stats = sp()
+        rows.append({"drafter": name, "mode": "greedy, copy task", "tok_per_s_ar": n_copy / t_ar,
+                     "tok_per_s_spec": n_copy / t_sp, "speedup": t_ar / t_sp,
+                     "acceptance": stats.acceptance_rate, "tokens_per_call": stats.tokens_per_call,
+                     "same_output": bool(torch.equal(out, autoregressive_generate(
+                         target, copy_prompt, max_new_tokens=n_copy, greedy=True)))})
+    results["copy_task_text"] = tok.decode(out[0])
+    print_table([{k: v for k, v in r.items() if not k.startswith("theory") and k != "alpha"} for r in rows])
+
+    # gamma sweep, greedy, draft model: measured vs theory
+    alpha = next(r["alpha"] for r in rows if r["drafter"] == "draft model" and r["mode"] == "greedy")
+    sweep = []
+    for g in tqdm(gammas, desc="gamma sweep"):
+        sp = lambda: speculative_generate(target, DraftModel(draft), prompt, max_new_tokens=new_tokens,  # noqa: E731
+                                          gamma=g, greedy=True)
+        t_ar, t_sp = paired(lambda: autoregressive_generate(target, prompt, max_new_tokens=new_tokens,
+                                                            greedy=True), sp)
+        _, stats = sp()
+        sweep.append({"gamma": g, "speedup": t_ar / t_sp, "tokens_per_call": stats.tokens_per_call,
+                      "theory_tokens_per_call": expected_tokens_per_call(alpha, g),
+                      "theory_speedup": expected_speedup(alpha, g, c)})
+    print_table(sweep)
+    results.update(rows=rows, gamma_sweep=sweep, alpha_greedy=alpha)
+    print(f"c = {c:.3f} (draft {results['ms_per_token_draft']:.2f} ms/token, target "
+          f"{results['ms_per_token_target']:.2f} ms/token), greedy alpha = {alpha:.3f}")
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['drafter']}\n{r['mode']}" for r in rows]
+    colors = ["C0" if r["mode"] == "greedy" else "C1" if r["mode"] == "T=1" else "C2" for r in rows]
+    ax1.barh(range(len(rows)), [r["speedup"] for r in rows], color=colors)
+    ax1.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax1.invert_yaxis()
+    ax1.axvline(1, color="k", lw=0.8)
+    ax1.set_xlabel("speedup over autoregressive (wall clock)")
+    ax1.set_title("Drafters (greedy: blue, T=1: orange, copy task: green)", fontsize=9)
+    gs = [s["gamma"] for s in sweep]
+    ax2.plot(gs, [s["tokens_per_call"] for s in sweep], "o-", label="tokens / target call (measured)")
+    ax2.plot(gs, [s["theory_tokens_per_call"] for s in sweep], "--", label="(1-a^(g+1))/(1-a)")
+    ax2.plot(gs, [s["speedup"] for s in sweep], "s-", label="speedup (measured)")
+    ax2.plot(gs, [s["theory_speedup"] for s in sweep], ":", label="theory speedup, c measured")
+    ax2.set_xlabel("gamma (draft tokens per round)")
+    ax2.set_title(f"Greedy, workbench draft -> target, a = {alpha:.2f}, c = {c:.3f}", fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    write_results("speculative", results, fig)
+    plt.close(fig)
+    return results

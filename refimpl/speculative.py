@@ -1,0 +1,523 @@
+"""Speculative decoding: a cheap drafter guesses, the target verifies many tokens in one call.
+
+Implements Leviathan, Kalman & Matias, "Fast Inference from Transformers via Speculative
+Decoding" (2022, Algorithm 1 and Theorem 3.5), which Chen et al., "Accelerating Large Language
+Model Decoding with Speculative Sampling" (2023, Algorithm 2) found independently. Drafters:
+a small draft model (with the confidence fallback of Kim et al., "Speculative Decoding with Big
+Little Decoder", BiLD 2023), prompt lookup / input-guided drafting (Ge et al., "Lossless
+Acceleration for Seq2seq Generation with Aggressive Decoding", 2022), an n-gram table built from
+the corpus and an adaptive draft length (in the spirit of Liu et al., "Adaptive Draft-Verification
+for Efficient LLM Decoding", ADED 2024).
+
+Each round: the drafter proposes ``g`` tokens with distributions ``q``; one target forward over
+the last token and the ``g`` drafts gives ``p`` at ``g + 1`` positions; ``speculative_accept``
+keeps a prefix of the drafts and adds one token, so every target call yields 1 to g + 1 tokens and
+the output law is exactly the target's. Both KV caches roll back with ``crop``.
+
+Batches: rows accept different numbers of tokens. We keep every row right-aligned at one shared
+length ``L`` (row b owns slots pad[b] .. L-1 of the token buffer and of every KV cache), so after
+each round the rows that accepted fewer tokens are shifted right (``realign``); a 4-D additive
+mask hides the pads and ``position_ids`` count from each row's first real token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from refimpl.lm import KVCache, TinyGPT, additive_mask, causal_mask
+
+
+# ---------------------------------------------------------------- theory
+
+def expected_tokens_per_call(alpha: float, gamma: int) -> float:
+    """E[tokens per target call] = (1 - alpha^(gamma+1)) / (1 - alpha) (Leviathan et al., eq. 1)."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if alpha == 1:
+        return gamma + 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def expected_speedup(alpha: float, gamma: int, c: float) -> float:
+    """Wall-clock gain (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)) (Leviathan et al., Thm 3.8).
+
+    ``c`` is the cost of one drafter call relative to one target call.
+    """
+    if c < 0:
+        raise ValueError(f"c must be >= 0, got {c}")
+    return expected_tokens_per_call(alpha, gamma) / (gamma * c + 1)
+
+
+def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """alpha = E_q[min(1, p/q)] = sum_x min(p(x), q(x)) = 1 - TV(p, q) (Leviathan et al., Def. 3.1)."""
+    return torch.minimum(p, q).sum(-1)
+
+
+# ---------------------------------------------------------------- one verification step
+
+def speculative_accept(draft_tokens: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
+                       generator: torch.Generator | None = None):
+    """Modified rejection sampling (Leviathan et al., Algorithm 1; Chen et al., Algorithm 2).
+
+    draft_tokens [B, g] were sampled from q [B, g, V]; p [B, g+1, V] is the target at the same
+    positions plus one. Draft i is kept with probability min(1, p_i(x_i) / q_i(x_i)); at the first
+    rejection the next token comes from norm(max(0, p_i - q_i)); if all g are kept, a bonus token
+    comes from p_g. Returns (num_accepted [B], next_token [B]).
+    """
+    B, g = draft_tokens.shape
+    if q.shape[:2] != (B, g) or p.shape[:2] != (B, g + 1) or q.shape[2] != p.shape[2]:
+        raise ValueError(f"q must be [B, g, V] and p [B, g+1, V] for draft_tokens [B, g] = [{B}, {g}], "
+                         f"got q {tuple(q.shape)} and p {tuple(p.shape)}")
+    px = p[:, :g].gather(2, draft_tokens[..., None]).squeeze(2)
+    qx = q.gather(2, draft_tokens[..., None]).squeeze(2)
+    u = torch.rand(B, g, generator=generator, dtype=p.dtype, device=p.device)
+    accepted = u * qx < px  # u < p/q without dividing by q
+    num_accepted = accepted.cumprod(dim=1).sum(dim=1)
+    rows = torch.arange(B, device=p.device)
+    p_n = p[rows, num_accepted]
+    q_n = F.pad(q, (0, 0, 0, 1))[rows, num_accepted]  # q = 0 after the last draft: residual = p
+    residual = (p_n - q_n).clamp_min(0)
+    # p = q makes the residual empty, but then the rejection had probability 0; fall back to p.
+    empty = residual.sum(-1, keepdim=True) <= 0
+    residual = torch.where(empty, p_n, residual)
+    next_token = torch.multinomial(residual, 1, generator=generator).squeeze(1)
+    return num_accepted, next_token
+
+
+def greedy_accept(draft_tokens: torch.Tensor, logits: torch.Tensor):
+    """Greedy verification: keep drafts while they equal the target's argmax, then add its argmax.
+
+    The temperature -> 0 limit of ``speculative_accept`` (p and q become one-hot).
+    """
+    target_tokens = logits.argmax(dim=-1)  # [B, g+1]
+    g = draft_tokens.shape[1]
+    num_accepted = (draft_tokens == target_tokens[:, :g]).cumprod(dim=1).sum(dim=1)
+    return num_accepted, target_tokens.gather(1, num_accepted[:, None]).squeeze(1)
+
+
+# ---------------------------------------------------------------- batched layout
+
+def batch_inputs(pad: torch.Tensor | None, past: int, T: int, dtype=torch.float32):
+    """position_ids [B, T] and additive mask [B, 1, T, past+T] for right-aligned rows.
+
+    Row b's real tokens start at slot pad[b]; query t sits at slot past + t. ``pad=None``
+    (batch 1, nothing to hide) returns (None, None): the model's default causal path.
+    """
+    if pad is None:
+        return None, None
+    slots = torch.arange(past + T, device=pad.device)
+    query = past + torch.arange(T, device=pad.device)
+    allowed = (slots[None, None, :] >= pad[:, None, None]) & (slots[None, None, :] <= query[None, :, None])
+    return query[None, :] - pad[:, None], additive_mask(allowed[:, None], dtype)
+
+
+def realign(t: torch.Tensor, dim: int, batch_dim: int, rows: torch.Tensor, shift: torch.Tensor,
+            length: int) -> torch.Tensor:
+    """Rows ``rows`` of ``t``, row b moved right by shift[b] slots along ``dim``; ``length`` slots.
+
+    new[b, j] = old[rows[b], j - shift[b]] (shift may be negative); slots read from before 0
+    become pads (garbage, later masked).
+    """
+    t = t.index_select(batch_dim, rows)
+    src = (torch.arange(length, device=t.device)[None, :] - shift[:, None]).clamp(0, t.shape[dim] - 1)
+    view = [1] * t.ndim
+    view[batch_dim], view[dim] = len(rows), length
+    size = list(t.shape)
+    size[dim] = length
+    return t.gather(dim, src.reshape(view).expand(size))
+
+
+def rollback_cache(cache, end, rows=None, shift=None) -> int:
+    """Roll a KV cache back after verification; returns its new length.
+
+    Batch 1: keep the first ``end`` slots (``crop``). Batch > 1: row b keeps its slots before
+    min(end[b], len(cache)), moved right by shift[b] (rows not in ``rows`` drop out); the
+    common length is the shortest row's, so a row may lose a slot that it then recomputes.
+    """
+    if rows is None:
+        cache.crop(min(int(end), len(cache)))
+        return len(cache)
+    length = int((end.clamp(max=len(cache))[rows] + shift).min())
+    if isinstance(cache, KVCache):
+        if cache.k is not None:
+            for name in ("k", "v"):
+                old = getattr(cache, name)
+                new = old.new_zeros(old.shape[:1] + (len(rows),) + old.shape[2:])
+                new[:, :, :, :length] = realign(old, 3, 1, rows, shift, length)
+                setattr(cache, name, new)
+        cache.shape = (cache.shape[0], len(rows)) + cache.shape[2:]
+        cache.length = length
+    else:  # refimpl.hf.HFCache: one DynamicLayer per layer, keys/values [B, H, S, D]
+        for layer in cache._layers():
+            layer.keys = realign(layer.keys, 2, 0, rows, shift, length)
+            layer.values = realign(layer.values, 2, 0, rows, shift, length)
+        cache._batch_size = len(rows)
+    return length
+
+
+def model_dtype(model) -> torch.dtype:
+    """The floating dtype of a model's weights: an additive mask must match it (torch's CPU SDPA
+    silently mis-adds a float32 mask to float64 scores beyond 16 keys)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+# ---------------------------------------------------------------- drafters
+
+class Drafter:
+    """What ``speculative_generate`` asks of a drafter.
+
+    ``begin(seq, length)`` sees the prompt (token buffer ``seq`` [B, capacity], ``length`` slots
+    filled). ``propose(seq, length, pad, g, greedy, temperature, generator)`` returns up to ``g``
+    draft tokens [B, g'] and the distributions q [B, g', V] they were sampled from, or ``None`` for
+    a deterministic drafter (q is then one-hot). ``rollback(end, rows, shift, num_accepted, drafted)``
+    hears the verdict: row b's tokens before slot end[b] stand, then the buffer was realigned
+    with ``rows``/``shift`` (both ``None`` at batch 1, see ``rollback_cache``).
+    """
+    vocab_size: int | None = None
+    block_size: int | None = None
+
+    def begin(self, seq, length):
+        pass
+
+    def propose(self, seq, length, pad, g, greedy, temperature, generator):
+        raise NotImplementedError
+
+    def rollback(self, end, rows, shift, num_accepted, drafted):
+        pass
+
+
+def tinygpt_last_logits(model: TinyGPT, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """``model(input_ids, cache=cache)[:, -1]`` for a TinyGPT, without nn.Module dispatch.
+
+    The draft model is tiny, so most of its cost per call is Python overhead of ~30 module
+    calls; this is the same arithmetic as ``TinyGPT.forward`` (sdpa, eval mode) in plain
+    functional calls, and the head runs on the last position only.
+    """
+    B, T = input_ids.shape
+    past, C, H = len(cache), model.config.n_embd, model.config.n_head
+    if past + T > model.config.block_size:
+        raise ValueError(f"{past} cached + {T} new tokens exceed block_size={model.config.block_size}")
+    x = F.embedding(input_ids, model.tok_emb.weight) + model.pos_emb.weight[past:past + T]
+    mask = None if T == 1 else causal_mask(T, past + T, x.device, x.dtype)
+    for layer, block in enumerate(model.blocks):
+        h = F.layer_norm(x, (C,), block.ln1.weight, block.ln1.bias, block.ln1.eps)
+        q, k, v = F.linear(h, block.attn.qkv.weight, block.attn.qkv.bias).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, C)
+        x = x + F.linear(y, block.attn.proj.weight, block.attn.proj.bias)
+        h = F.layer_norm(x, (C,), block.ln2.weight, block.ln2.bias, block.ln2.eps)
+        fc, proj = block.mlp[0], block.mlp[2]
+        x = x + F.linear(F.gelu(F.linear(h, fc.weight, fc.bias)), proj.weight, proj.bias)
+    cache.advance(T)
+    x = F.layer_norm(x[:, -1], (C,), model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
+    return F.linear(x, model.lm_head.weight)
+
+
+class DraftModel(Drafter):
+    """A small language model drafts autoregressively with its own KV cache.
+
+    ``stop_below``: the fallback policy of BiLD (Kim et al., 2023, sec. 3.2): stop drafting once
+    the draft's top probability for the next position falls below the threshold in every row.
+    The decision depends only on the draft's distribution, not on the target, so the output law
+    stays exact.
+    """
+
+    def __init__(self, model, stop_below: float | None = None):
+        if stop_below is not None and not 0 <= stop_below <= 1:
+            raise ValueError(f"stop_below must be in [0, 1], got {stop_below}")
+        self.model, self.stop_below = model, stop_below
+        self.vocab_size, self.block_size = model.config.vocab_size, model.config.block_size
+        self.cache, self.dtype = None, model_dtype(model)
+        # batch 1 with a TinyGPT in eval mode: the dispatch-free forward (same arithmetic)
+        self.fast = (isinstance(model, TinyGPT) and model.attn_backend == "sdpa" and not model.training
+                     and model.config.dropout == 0)
+
+    def begin(self, seq, length):
+        self.cache = self.model.empty_cache(seq.shape[0])
+
+    def propose(self, seq, length, pad, g, greedy, temperature, generator):
+        step = seq[:, len(self.cache):length]  # what the draft has not seen: 1 or 2 tokens, or the prompt
+        tokens, qs = [], []
+        for i in range(g):
+            if pad is None and self.fast:
+                logits = tinygpt_last_logits(self.model, step, self.cache)
+            else:
+                position_ids, mask = batch_inputs(pad, len(self.cache), step.shape[1], self.dtype)
+                logits = self.model(step, position_ids, mask, self.cache)[:, -1]
+            q = None if greedy and self.stop_below is None else _distribution(logits, 1.0 if greedy else temperature)
+            if i and self.stop_below is not None and bool((q.amax(-1) < self.stop_below).all()):
+                break
+            step = logits.argmax(-1, keepdim=True) if greedy else torch.multinomial(q, 1, generator=generator)
+            tokens.append(step)
+            qs.append(q)
+        return torch.cat(tokens, dim=1), (None if greedy else torch.stack(qs, dim=1))
+
+    def rollback(self, end, rows, shift, num_accepted, drafted):
+        rollback_cache(self.cache, end, rows, shift)
+
+
+def lookup_continuation(context: torch.Tensor, g: int, max_ngram: int, min_ngram: int) -> torch.Tensor:
+    """Up to ``g`` tokens that followed the latest earlier occurrence of the context's longest
+    suffix n-gram (max_ngram >= n >= min_ngram); empty if none occurs (Ge et al., 2022, sec. 3)."""
+    N = len(context)
+    for n in range(min(max_ngram, N - 1), min_ngram - 1, -1):
+        windows = context[:N - 1].unfold(0, n, 1)  # windows that end before the last token
+        hits = (windows == context[N - n:]).all(dim=1).nonzero()
+        if len(hits):
+            start = int(hits[-1]) + n
+            return context[start:start + g]
+    return context[:0]
+
+
+class PromptLookup(Drafter):
+    """Input-guided drafting: copy what followed the latest match of the text's last n-gram.
+
+    Aggressive Decoding (Ge et al., 2022) drafts from the input for editing tasks whose output
+    mostly repeats it; prompt lookup applies the same idea to any context. No model, no q: the
+    draft is deterministic (q one-hot). Rows without a match draft nothing (batch 1) or pad
+    their draft with token 0 (batch > 1), which is still exact, only wasted.
+    """
+
+    def __init__(self, max_ngram: int = 8, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, "
+                             f"max_ngram={max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, seq, length, pad, g, greedy, temperature, generator):
+        if pad is None:
+            return lookup_continuation(seq[0, :length], g, self.max_ngram, self.min_ngram)[None], None
+        found = [lookup_continuation(seq[b, int(pad[b]):length], g, self.max_ngram, self.min_ngram)
+                 for b in range(seq.shape[0])]
+        width = max(len(f) for f in found)
+        out = seq.new_zeros(seq.shape[0], width)
+        for b, f in enumerate(found):
+            out[b, :len(f)] = f
+        return out, None
+
+
+class NGramTable(Drafter):
+    """An n-gram table from a corpus drafts: after the last order-1 tokens, the likeliest next one.
+
+    In the spirit of ADED (Liu et al., 2024), which drafts from a tri-gram table instead of a
+    draft model. Greedy: the argmax chain (q one-hot). Sampling: tokens drawn from the table's
+    conditional distribution, which is then q. Unseen contexts back off to shorter ones.
+    """
+
+    def __init__(self, probs: torch.Tensor, vocab_size: int, order: int):
+        self.probs, self.vocab_size, self.order = probs, vocab_size, order
+        self.best = probs.argmax(dim=-1)
+        self.weights = vocab_size ** torch.arange(order - 2, -1, -1)  # context -> row of probs
+
+    @classmethod
+    def from_tokens(cls, ids: torch.Tensor, vocab_size: int, order: int = 3, smoothing: float = 0.01):
+        """Count (order-1)-token contexts in ``ids`` [N]; add ``smoothing`` to every count."""
+        if order < 2 or vocab_size ** order > 2 ** 25:
+            raise ValueError(f"order must be >= 2 with vocab_size ** order <= 2**25, got order={order}, "
+                             f"vocab_size={vocab_size}")
+        if ids.ndim != 1 or len(ids) < order or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise ValueError(f"ids must be a 1-D tensor of at least {order} tokens in [0, {vocab_size})")
+        ids = ids.long()
+        probs = torch.full((1, vocab_size), 1.0 / vocab_size)
+        for k in range(1, order):  # context length k; back off to k - 1 where unseen
+            index = sum(ids[i:len(ids) - k + i] * vocab_size ** (k - i) for i in range(k)) + ids[k:]
+            counts = torch.bincount(index, minlength=vocab_size ** (k + 1)).view(-1, vocab_size).float()
+            seen = counts.sum(-1, keepdim=True)
+            backoff = probs.repeat(vocab_size, 1)  # row c -> row c mod V^(k-1): drop the oldest token
+            smoothed = (counts + smoothing * backoff) / (seen + smoothing)
+            probs = torch.where(seen > 0, smoothed, backoff)
+        return cls(probs, vocab_size, order)
+
+    def propose(self, seq, length, pad, g, greedy, temperature, generator):
+        context = seq[:, length - self.order + 1:length]
+        tokens, qs = [], []
+        for _ in range(g):
+            row = (context * self.weights).sum(dim=1)
+            if greedy:
+                nxt = self.best[row][:, None]
+            else:
+                q = self.probs[row]
+                nxt = torch.multinomial(q, 1, generator=generator)
+                qs.append(q)
+            tokens.append(nxt)
+            context = torch.cat([context[:, 1:], nxt], dim=1)
+        return torch.cat(tokens, dim=1), (torch.stack(qs, dim=1) if qs else None)
+
+
+class AdaptiveGamma(Drafter):
+    """Wraps a drafter and adapts the draft length: +grow after a round where every draft was
+    accepted, -shrink otherwise (the schedule of HF's "heuristic" assistant; ADED and BiLD adapt
+    the draft length too). ``speculative_generate``'s ``gamma`` stays the ceiling."""
+
+    def __init__(self, drafter: Drafter, start: int = 4, min_gamma: int = 1, max_gamma: int = 16,
+                 grow: int = 2, shrink: int = 1):
+        if not 1 <= min_gamma <= start <= max_gamma:
+            raise ValueError(f"need 1 <= min_gamma <= start <= max_gamma, got {min_gamma}, {start}, {max_gamma}")
+        self.drafter, self.gamma = drafter, start
+        self.min_gamma, self.max_gamma, self.grow, self.shrink = min_gamma, max_gamma, grow, shrink
+        self.vocab_size, self.block_size = drafter.vocab_size, drafter.block_size
+        self.history = []
+
+    def begin(self, seq, length):
+        self.drafter.begin(seq, length)
+
+    def propose(self, seq, length, pad, g, greedy, temperature, generator):
+        self.history.append(self.gamma)
+        return self.drafter.propose(seq, length, pad, min(g, self.gamma), greedy, temperature, generator)
+
+    def rollback(self, end, rows, shift, num_accepted, drafted):
+        self.drafter.rollback(end, rows, shift, num_accepted, drafted)
+        all_accepted = bool((torch.as_tensor(num_accepted) == drafted).all())
+        step = self.grow if all_accepted else -self.shrink
+        self.gamma = max(self.min_gamma, min(self.max_gamma, self.gamma + step))
+
+
+# ---------------------------------------------------------------- generation
+
+@dataclass
+class SpecStats:
+    """Per target call: draft tokens proposed, accepted (summed over rows) and rows verified."""
+    drafted: list = field(default_factory=list)
+    accepted: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+
+    @property
+    def target_calls(self) -> int:
+        return len(self.rows)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return sum(self.accepted) / max(1, sum(self.drafted))
+
+    @property
+    def tokens_per_call(self) -> float:
+        """Mean tokens a row gains per target call: accepted drafts + the target's own token."""
+        return (sum(self.accepted) + sum(self.rows)) / max(1, sum(self.rows))
+
+
+def _check_generate_args(model, input_ids, max_new_tokens, temperature, greedy):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 1 \
+            or input_ids.is_floating_point():
+        raise ValueError("input_ids must be an integer tensor [B, T] with T >= 1")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when greedy=False, got {temperature}")
+    if input_ids.shape[1] + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the model's block_size={model.config.block_size}")
+
+
+def _next_token(logits, greedy, temperature, generator):
+    if greedy:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(_distribution(logits, temperature), 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def autoregressive_generate(model, input_ids, *, max_new_tokens, temperature=1.0, greedy=False,
+                            generator=None):
+    """The baseline: one target call per token, with a KV cache. Returns [B, T + max_new_tokens]."""
+    _check_generate_args(model, input_ids, max_new_tokens, temperature, greedy)
+    B, T = input_ids.shape
+    seq = input_ids.new_empty(B, T + max_new_tokens)
+    seq[:, :T] = input_ids
+    cache = model.empty_cache(B)
+    step = input_ids
+    for i in range(T, T + max_new_tokens):
+        seq[:, i] = _next_token(model(step, cache=cache)[:, -1], greedy, temperature, generator)
+        step = seq[:, i:i + 1]
+    return seq
+
+
+@torch.no_grad()
+def speculative_generate(target, drafter, input_ids, *, max_new_tokens, gamma=4, temperature=1.0,
+                         greedy=False, generator=None):
+    """Speculative decoding (Leviathan et al., Algorithm 1), batched; returns (sequences, stats).
+
+    ``drafter``: a ``Drafter`` or a model (wrapped in ``DraftModel``). Each round drafts up to
+    ``gamma`` tokens, verifies them with one target forward over g + 1 positions, and rolls both
+    KV caches back to the accepted prefix. ``greedy=True`` returns exactly the target's greedy
+    output; otherwise the output law is the target's at ``temperature``.
+    """
+    if not isinstance(drafter, Drafter):
+        drafter = DraftModel(drafter)
+    _check_generate_args(target, input_ids, max_new_tokens, temperature, greedy)
+    if not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
+    V = target.config.vocab_size
+    if drafter.vocab_size is not None and drafter.vocab_size != V:
+        raise ValueError(f"drafter's vocab_size ({drafter.vocab_size}) must equal the target's ({V})")
+    B, T = input_ids.shape
+    total = T + max_new_tokens
+    if drafter.block_size is not None and total > drafter.block_size:
+        raise ValueError(f"prompt + max_new_tokens ({total}) exceeds the drafter's block_size "
+                         f"({drafter.block_size})")
+    seq = input_ids.new_zeros(B, total + gamma + 1)  # token buffer; row b owns slots pad[b] .. L-1
+    seq[:, :T] = input_ids
+    out = input_ids.new_empty(B, total)
+    origin = torch.arange(B)  # original row of each active row
+    pad = None if B == 1 else torch.zeros(B, dtype=torch.long)
+    cache, stats, L, dtype = target.empty_cache(B), SpecStats(), T, model_dtype(target)
+    if T > 1:  # the target's cache holds every token but the last
+        target(seq[:, :T - 1], cache=cache)
+    drafter.begin(seq, L)
+    while True:
+        longest_wanted = total - L + (0 if pad is None else int(pad.max()))  # tokens the slowest row needs
+        g = min(gamma, longest_wanted - 1, target.config.block_size - L)
+        draft, q = drafter.propose(seq, L, pad, g, greedy, temperature, generator) if g > 0 else (seq[:, :0], None)
+        g = draft.shape[1]
+        if pad is None:  # one causal mask for the whole forward, not one per layer
+            position_ids, mask = None, causal_mask(g + 1, L + g, dtype=dtype)[None, None] if g else None
+        else:
+            position_ids, mask = batch_inputs(pad, L - 1, g + 1, dtype)
+        logits = target(torch.cat([seq[:, L - 1:L], draft], dim=1), position_ids, mask, cache)
+        if greedy:
+            n, nxt = greedy_accept(draft, logits)
+        else:
+            p = _distribution(logits, temperature)
+            q = F.one_hot(draft, V).to(p.dtype) if q is None else q.to(p.dtype)
+            n, nxt = speculative_accept(draft, q, p, generator)
+        seq[:, L:L + g] = draft
+        rows = seq.shape[0]
+        stats.drafted.append(g * rows)
+        if pad is None:  # batch 1: no realignment, plain crop
+            n = int(n)
+            seq[0, L + n] = nxt[0]
+            stats.accepted.append(n)
+            stats.rows.append(1)
+            rollback_cache(cache, L + n)
+            drafter.rollback(L + n, None, None, n, g)
+            L += n + 1
+            if L >= total:
+                out[:] = seq[:, :total]
+                return out, stats
+            continue
+        seq[torch.arange(rows), L + n] = nxt
+        stats.accepted.append(int(n.sum()))
+        stats.rows.append(rows)
+        done = L + n + 1 - pad >= total
+        for b in done.nonzero().flatten().tolist():
+            out[origin[b]] = seq[b, pad[b]:pad[b] + total]
+        active = (~done).nonzero().flatten()
+        if not len(active):
+            return out, stats
+        m = int(n[active].max())
+        shift = m - n[active]
+        trim = int((pad[active] + shift).min())  # slots that are pads in every remaining row
+        shift -= trim
+        end = L + n
+        L = L + m + 1 - trim
+        seq = torch.cat([realign(seq, 1, 0, active, shift, L),
+                         seq.new_zeros(len(active), seq.shape[1] - L)], dim=1)
+        pad, origin = pad[active] + shift, origin[active]
+        rollback_cache(cache, end, active, shift)
+        drafter.rollback(end, active, shift, n, g)

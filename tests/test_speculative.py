@@ -1,0 +1,508 @@
+"""refimpl.speculative: speculative decoding is exact in distribution and, greedy, in output.
+
+Oracles: the target's exact law (enumerated with plain forward passes, float64), a chi-square
+test with two negative controls that must fail it, the target's own greedy decoding
+(autoregressive, row by row), uncached recomputation after every rollback, the closed form
+(1 - a^(g+1)) / (1 - a) against a brute-force sum and against simulation, brute-force counting
+and search for the drafters, and Hugging Face's assisted generation (transformers 4.56.2).
+"""
+import math
+from collections import Counter
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from refimpl.hf import HFCausalLM
+from refimpl.lm import GPTConfig, KVCache, TinyGPT
+from refimpl.speculative import (AdaptiveGamma, DraftModel, NGramTable, PromptLookup, SpecStats,
+                                 acceptance_rate, autoregressive_generate, expected_speedup,
+                                 expected_tokens_per_call, greedy_accept, lookup_continuation,
+                                 speculative_accept, speculative_generate)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: threads only add overhead."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(seed, V=20, layers=2, block=64, emb=16, scale=4.0):
+    """A random TinyGPT in float64; weights scaled up so that logits are far from ties."""
+    torch.manual_seed(seed)
+    model = TinyGPT(GPTConfig(V, block, layers, 2, emb)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
+
+
+def ids(*shape, V=20, seed=1):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square test of counts against probs (categories with E < 5 pooled)."""
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+# ------------------------------------------------------------------ theory
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 0.999, 1.0])
+@pytest.mark.parametrize("gamma", [0, 1, 4, 9])
+def test_expected_tokens_per_call_is_the_mean_of_the_truncated_geometric(alpha, gamma):
+    # a call yields k + 1 tokens when the first k drafts pass and the next fails (or k = gamma)
+    brute = sum((k + 1) * alpha ** k * (1 - alpha) for k in range(gamma)) + (gamma + 1) * alpha ** gamma
+    assert expected_tokens_per_call(alpha, gamma) == pytest.approx(brute, rel=1e-9)
+    assert expected_speedup(alpha, gamma, 0.1) == pytest.approx(brute / (0.1 * gamma + 1), rel=1e-9)
+
+
+def test_acceptance_rate_is_one_minus_total_variation():
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.2, 0.6])
+    assert float(acceptance_rate(p, q)) == pytest.approx(1 - 0.5 * float((p - q).abs().sum()))
+
+
+# ------------------------------------------------------------------ one step, exact law
+
+def one_step_cases(V=6):
+    g = torch.Generator().manual_seed(0)
+    rand = lambda: torch.rand(V, generator=g, dtype=torch.float64)  # noqa: E731
+    p = rand().softmax(0)
+    near = (p + 1e-3 * rand()).clamp_min(0)
+    disjoint_p = torch.tensor([0.5, 0.5, 0, 0, 0, 0], dtype=torch.float64)
+    disjoint_q = torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25], dtype=torch.float64)
+    return {
+        "p_equals_q": (p, p.clone()),
+        "disjoint_supports": (disjoint_p, disjoint_q),
+        "one_hot_q": (p, torch.nn.functional.one_hot(torch.tensor(2), V).double()),
+        "near_equal": (p, near / near.sum()),
+        "random": (p, (3 * rand()).softmax(0)),
+    }
+
+
+@pytest.mark.parametrize("case", list(one_step_cases()))
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_first_emitted_token_has_law_p(case, gamma):
+    """Monte Carlo over 400k independent rows, float64: every frequency within 5 standard errors of p."""
+    p, q = one_step_cases()[case]
+    N, V = 400_000, len(p)
+    g = gen(1)
+    draft = torch.multinomial(q.expand(N, V), gamma, replacement=True, generator=g)  # i.i.d. from q
+    n, nxt = speculative_accept(draft, q.expand(N, gamma, V), p.expand(N, gamma + 1, V), generator=g)
+    first = torch.where(n > 0, draft[:, 0], nxt)
+    freq = torch.bincount(first, minlength=V).double() / N
+    tolerance = 5 * (p * (1 - p) / N).sqrt() + 1e-12
+    assert ((freq - p).abs() <= tolerance).all(), (freq, p)
+    # and the number accepted is truncated-geometric with the acceptance rate sum(min(p, q))
+    alpha = float(acceptance_rate(p, q))
+    assert float((n + 1).double().mean()) == pytest.approx(expected_tokens_per_call(alpha, gamma), abs=0.01)
+
+
+def test_zero_mass_residual_is_safe():
+    # p = q one-hot: the residual max(0, p - q) is all zero; the step must still emit a valid token
+    p = torch.nn.functional.one_hot(torch.tensor([[1, 1], [3, 3]]), 5).double()
+    q = p[:, :1]
+    n, nxt = speculative_accept(torch.tensor([[1], [3]]), q, p, generator=gen(0))
+    assert n.tolist() == [1, 1] and nxt.tolist() == [1, 3]
+    # forced rejection where p - q has no mass left except through rounding
+    q = torch.tensor([[[0.5, 0.5]]], dtype=torch.float64)
+    p = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]], dtype=torch.float64)
+    for seed in range(20):
+        n, nxt = speculative_accept(torch.tensor([[0]]), q, p, generator=gen(seed))
+        assert n.item() == 1 and nxt.item() in (0, 1)
+
+
+def test_greedy_accept_matches_argmax_prefix():
+    logits = torch.randn(4, 5, 7, generator=gen(0))
+    target = logits.argmax(-1)
+    draft = target[:, :4].clone()
+    draft[1, 2] = (draft[1, 2] + 1) % 7
+    draft[2, 0] = (draft[2, 0] + 1) % 7
+    n, nxt = greedy_accept(draft, logits)
+    assert n.tolist() == [4, 2, 0, 4]
+    assert nxt.tolist() == [target[0, 4], target[1, 2], target[2, 0], target[3, 4]]
+
+
+# ------------------------------------------------------------------ whole sequences: chi-square
+
+V_SMALL, PROMPT = 4, [1, 0, 3, 1, 0]
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    return tiny(10, V=V_SMALL, scale=3.0), tiny(11, V=V_SMALL, layers=1, scale=3.0)
+
+
+def exact_law(model, prompt, length):
+    """P(x_1 .. x_length | prompt) for every continuation, by plain (uncached) forward passes."""
+    seqs = torch.cartesian_prod(*[torch.arange(V_SMALL)] * length).reshape(-1, length)
+    x = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], dim=1)
+    with torch.no_grad():
+        logp = model(x).log_softmax(-1)[:, len(prompt) - 1:-1]
+    return logp.gather(2, seqs[..., None]).squeeze(2).sum(1).exp()
+
+
+def continuation_counts(out, length):
+    tail = out[:, len(PROMPT):len(PROMPT) + length]
+    code = sum(tail[:, i] * V_SMALL ** (length - 1 - i) for i in range(length))
+    return torch.bincount(code, minlength=V_SMALL ** length).double()
+
+
+class GreedyDraftSoftmaxQ(DraftModel):
+    """A broken drafter: proposes the argmax but claims q = softmax (q is not what it sampled from)."""
+
+    def propose(self, seq, length, pad, g, greedy, temperature, generator):
+        tokens, _ = super().propose(seq, length, pad, g, True, temperature, generator)
+        x = torch.cat([seq[:, :length], tokens], dim=1)
+        with torch.no_grad():
+            q = self.model(x)[:, length - 1:length - 1 + tokens.shape[1]].softmax(-1)  # (no pads: one round)
+        return tokens, q
+
+
+N_SAMPLES = 10_000
+
+
+def drafters(draft):
+    corpus = ids(3000, V=V_SMALL, seed=5)
+    return {
+        "draft_model": lambda: DraftModel(draft),
+        "bild_fallback": lambda: DraftModel(draft, stop_below=0.6),
+        "ngram_table": lambda: NGramTable.from_tokens(corpus, V_SMALL, order=3),
+        "prompt_lookup": lambda: PromptLookup(max_ngram=2),
+        "adaptive": lambda: AdaptiveGamma(DraftModel(draft), start=1, max_gamma=3),
+    }
+
+
+@pytest.mark.parametrize("name,length,gamma", [
+    ("draft_model", 2, 2), ("draft_model", 3, 3), ("bild_fallback", 3, 3), ("ngram_table", 2, 2),
+    ("prompt_lookup", 2, 2), ("adaptive", 3, 3)])
+def test_chi_square_continuations_follow_the_target(small_pair, name, length, gamma):
+    """20k rows decoded as one ragged batch: the law of the first two tokens is the target's."""
+    target, draft = small_pair
+    rows = N_SAMPLES // 4 if name == "prompt_lookup" else N_SAMPLES  # its batch path loops over rows
+    prompt = torch.tensor(PROMPT).expand(rows, -1)
+    out, stats = speculative_generate(target, drafters(draft)[name](), prompt, max_new_tokens=length,
+                                      gamma=gamma, temperature=1.0, generator=gen(2))
+    counts = continuation_counts(out, 2)
+    assert chi2_pvalue(counts, exact_law(target, PROMPT, 2)) > 1e-3
+    assert 0 < stats.acceptance_rate < 1  # both branches (accept, reject) were exercised
+
+
+def test_chi_square_batch_one_path(small_pair):
+    """The batch-1 path (plain crop, no realignment), 1000 independent runs."""
+    target, draft = small_pair
+    g = gen(3)
+    prompt = torch.tensor([PROMPT])
+    outs = torch.cat([speculative_generate(target, draft, prompt, max_new_tokens=2, gamma=2, generator=g)[0]
+                      for _ in range(1000)])
+    assert chi2_pvalue(continuation_counts(outs, 2), exact_law(target, PROMPT, 2)) > 1e-3
+
+
+def test_chi_square_negative_control_draft_alone(small_pair):
+    target, draft = small_pair
+    prompt = torch.tensor(PROMPT).expand(N_SAMPLES, -1)
+    out = autoregressive_generate(draft, prompt, max_new_tokens=2, generator=gen(2))
+    assert chi2_pvalue(continuation_counts(out, 2), exact_law(target, PROMPT, 2)) < 1e-6
+    # the same test accepts the draft's own law: the failure is the law, not the test
+    assert chi2_pvalue(continuation_counts(out, 2), exact_law(draft, PROMPT, 2)) > 1e-3
+
+
+def test_chi_square_negative_control_wrong_q(small_pair):
+    target, draft = small_pair
+    prompt = torch.tensor(PROMPT).expand(N_SAMPLES, -1)
+    out, _ = speculative_generate(target, GreedyDraftSoftmaxQ(draft), prompt, max_new_tokens=2,
+                                  gamma=2, generator=gen(2))
+    assert chi2_pvalue(continuation_counts(out, 2), exact_law(target, PROMPT, 2)) < 1e-6
+
+
+# ------------------------------------------------------------------ greedy: exactly the target's output
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny(0), tiny(1, layers=1)
+
+
+def noisy(model, eps, seed=0):
+    """A copy of ``model`` with relative Gaussian noise on its weights: a draft that agrees only partly."""
+    import copy
+    torch.manual_seed(seed)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(eps * p.abs().mean() * torch.randn_like(p))
+    return out
+
+
+def greedy_drafters(target, draft):
+    return {
+        "draft_equals_target": lambda: DraftModel(target),
+        "random_draft": lambda: DraftModel(draft),
+        "prompt_lookup": lambda: PromptLookup(max_ngram=3),
+        "ngram_table": lambda: NGramTable.from_tokens(ids(2000, seed=7), 20, order=3),
+        "adaptive": lambda: AdaptiveGamma(DraftModel(draft), start=2, max_gamma=8),
+        "bild_fallback": lambda: DraftModel(draft, stop_below=0.5),
+    }
+
+
+@pytest.mark.parametrize("name", list(greedy_drafters(None, None)))
+@pytest.mark.parametrize("gamma", [1, 2, 4, 8])
+def test_greedy_equals_target_greedy(pair, name, gamma):
+    target, draft = pair
+    x = ids(4, 6, seed=2)
+    # the prompt repeats itself so that prompt lookup finds matches
+    x = torch.cat([x, x, x[:, :3]], dim=1)
+    want = torch.cat([autoregressive_generate(target, x[b:b + 1], max_new_tokens=25, greedy=True)
+                      for b in range(len(x))])  # row by row: no batching at all
+    make = greedy_drafters(target, draft)[name]
+    got, stats = speculative_generate(target, make(), x, max_new_tokens=25, gamma=gamma, greedy=True)
+    assert torch.equal(got, want)
+    for b in range(len(x)):
+        got1, _ = speculative_generate(target, make(), x[b:b + 1], max_new_tokens=25, gamma=gamma, greedy=True)
+        assert torch.equal(got1, want[b:b + 1])
+    if name == "draft_equals_target":
+        assert stats.acceptance_rate == 1.0
+
+
+def test_greedy_prompt_lookup_on_a_copy_task_accepts_long_runs(pair):
+    """When the target copies its context, prompt lookup drafts are accepted whole."""
+    target, _ = pair
+    x = ids(1, 8, seed=4)
+    want = autoregressive_generate(target, x, max_new_tokens=24, greedy=True)
+    # a context that already contains the target's own continuation, then its start again
+    ctx = torch.cat([want, x], dim=1)
+    ref = autoregressive_generate(target, ctx, max_new_tokens=16, greedy=True)
+    got, stats = speculative_generate(target, PromptLookup(max_ngram=8), ctx, max_new_tokens=16,
+                                      gamma=8, greedy=True)
+    assert torch.equal(got, ref)
+    copied = int((ref[0, 40:] == want[0, 8:24]).cumprod(0).sum())  # how far the target copies
+    assert stats.tokens_per_call >= min(copied, 8) / 2
+
+
+# ------------------------------------------------------------------ rollback: caches stay exact
+
+class Checked(torch.nn.Module):
+    """Wraps a model; on every cached call asserts the logits equal an uncached recomputation of the
+    whole row (history reconstructed from position ids, which count each row's real tokens)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.history, self.calls = model, model.config, {}, 0
+        self.weight = next(model.parameters())
+
+    def empty_cache(self, batch_size):
+        self.history = {}
+        return self.model.empty_cache(batch_size)
+
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
+        assert input_ids.shape[0] == 1
+        start = len(cache) if position_ids is None else int(position_ids[0, 0])
+        row = self.history.get(0, [])[:start] + input_ids[0].tolist()
+        self.history[0] = row
+        logits = self.model(input_ids, position_ids, attn_mask, cache)
+        with torch.no_grad():
+            full = self.model(torch.tensor([row]))[:, -input_ids.shape[1]:]
+        assert torch.allclose(logits, full, atol=1e-9, rtol=0), (logits - full).abs().max()
+        assert len(cache) == len(row)
+        self.calls += 1
+        return logits
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_rollback_keeps_both_caches_exact(pair, greedy):
+    target, draft = Checked(pair[0]), Checked(noisy(pair[0], 0.5))
+    out, stats = speculative_generate(target, draft, ids(1, 5, seed=6), max_new_tokens=40, gamma=4,
+                                      greedy=greedy, generator=gen(0))
+    assert 0 < stats.acceptance_rate < 1  # rollbacks happened
+    assert target.calls == stats.target_calls + 1  # + the prefill
+    assert draft.calls >= sum(stats.drafted)
+
+
+# ------------------------------------------------------------------ theory vs simulation
+
+class ConstantLM(torch.nn.Module):
+    """Same next-token distribution at every position: acceptance rate constant by construction."""
+
+    def __init__(self, probs, block=100_000):
+        super().__init__()
+        self.logits = torch.nn.Parameter(probs.log(), requires_grad=False)
+        self.config = GPTConfig(len(probs), block, 1, 1, 1)
+
+    def empty_cache(self, batch_size):
+        return KVCache(0, batch_size, 1, 1, self.config.block_size)
+
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
+        cache.advance(input_ids.shape[1])
+        return self.logits.expand(*input_ids.shape, -1)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+def test_constant_acceptance_matches_expected_tokens_per_call(gamma):
+    p = torch.tensor([0.5, 0.3, 0.1, 0.1], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.3, 0.4, 0.1], dtype=torch.float64)
+    alpha = float(acceptance_rate(p, q))  # 0.7
+    out, stats = speculative_generate(ConstantLM(p), ConstantLM(q), torch.zeros(400, 1, dtype=torch.long),
+                                      max_new_tokens=100, gamma=gamma, generator=gen(0))
+    full = [(a, r) for a, d, r in zip(stats.accepted, stats.drafted, stats.rows) if d == gamma * r]
+    per_row_call = (sum(a for a, _ in full) + sum(r for _, r in full)) / sum(r for _, r in full)
+    calls = sum(r for _, r in full)
+    sd = math.sqrt(sum((k + 1) ** 2 * (alpha ** k * (1 - alpha) if k < gamma else alpha ** gamma)
+                       for k in range(gamma + 1)) - expected_tokens_per_call(alpha, gamma) ** 2)
+    assert abs(per_row_call - expected_tokens_per_call(alpha, gamma)) < 5 * sd / math.sqrt(calls)
+    assert abs(per_row_call - expected_tokens_per_call(alpha + 0.05, gamma)) > 5 * sd / math.sqrt(calls)
+
+
+def test_stats_count_tokens():
+    s = SpecStats(drafted=[4, 4], accepted=[4, 1], rows=[1, 1])
+    assert s.target_calls == 2 and s.acceptance_rate == 5 / 8 and s.tokens_per_call == 3.5
+
+
+# ------------------------------------------------------------------ drafters against brute force
+
+def test_lookup_continuation_matches_brute_force():
+    g = gen(0)
+    for _ in range(200):
+        ctx = torch.randint(0, 3, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g)
+        got = lookup_continuation(ctx, 4, max_ngram=3, min_ngram=1).tolist()
+        c, want = ctx.tolist(), []
+        for n in range(min(3, len(c) - 1), 0, -1):
+            starts = [s for s in range(len(c) - n) if c[s:s + n] == c[-n:]]
+            if starts:
+                want = c[starts[-1] + n:starts[-1] + n + 4]
+                break
+        assert got == want
+
+
+def test_ngram_table_matches_counting():
+    V, corpus = 5, ids(500, V=5, seed=3)
+    table = NGramTable.from_tokens(corpus, V, order=3, smoothing=0.0)
+    c = corpus.tolist()
+    tri = Counter(zip(c, c[1:], c[2:]))
+    ctx = Counter(zip(c[:-2], c[1:-1]))
+    for (a, b), total in ctx.items():
+        row = table.probs[a * V + b]
+        for x in range(V):
+            assert float(row[x]) == pytest.approx(tri[(a, b, x)] / total)
+    # an unseen context backs off to the bigram of its last token
+    table = NGramTable.from_tokens(torch.tensor([0, 1, 0, 1, 1, 2, 0, 1]), 3, order=3, smoothing=0.0)
+    assert torch.allclose(table.probs[2 * 3 + 2], torch.tensor([1.0, 0.0, 0.0]))  # "2 2" unseen -> after "2": 0
+    assert torch.allclose(table.probs[0 * 3 + 1], torch.tensor([0.5, 0.5, 0.0]))  # "0 1" -> 0 then 1
+
+
+def test_adaptive_gamma_grows_and_shrinks(pair):
+    target, _ = pair
+    ada = AdaptiveGamma(DraftModel(target), start=2, max_gamma=7)
+    speculative_generate(target, ada, ids(1, 4), max_new_tokens=30, gamma=8, greedy=True)
+    assert ada.history[:4] == [2, 4, 6, 7]  # draft = target: every round accepted, +2 up to the cap
+
+
+# ------------------------------------------------------------------ Hugging Face
+
+def hf_pair(arch):
+    def build(layers, seed):
+        torch.manual_seed(seed)
+        if arch == "gpt2":
+            cfg = GPT2Config(n_layer=layers, n_head=2, n_embd=32, vocab_size=40, n_positions=128,
+                             bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+            model = GPT2LMHeadModel(cfg)
+        else:
+            cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=40,
+                              max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+                              attn_implementation="sdpa")
+            model = LlamaForCausalLM(cfg)
+        model = model.double().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(3.0)
+        return model
+    target = build(2, 0)
+    return target, noisy(target, 0.5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_equals_hf_assisted_generation(arch):
+    target_hf, draft_hf = hf_pair(arch)
+    x = torch.randint(1, 40, (1, 8), generator=gen(0))
+    with torch.no_grad():
+        hf_out = target_hf.generate(x, attention_mask=torch.ones_like(x), assistant_model=draft_hf,
+                                    do_sample=False, max_new_tokens=24, min_new_tokens=24, pad_token_id=0)
+    target, draft = HFCausalLM(target_hf), HFCausalLM(draft_hf)
+    ours, stats = speculative_generate(target, draft, x, max_new_tokens=24, gamma=4, greedy=True)
+    assert torch.equal(ours, hf_out)
+    assert 0 < stats.acceptance_rate < 1
+    # batch > 1, which assisted generation refuses: rows realigned inside HF's DynamicCache
+    xb = torch.randint(1, 40, (3, 8), generator=gen(1))
+    want = torch.cat([autoregressive_generate(target, xb[b:b + 1], max_new_tokens=16, greedy=True)
+                      for b in range(3)])
+    got, _ = speculative_generate(target, draft, xb, max_new_tokens=16, gamma=3, greedy=True)
+    assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_bad_input(pair):
+    target, draft = pair
+    x = ids(2, 4)
+    with pytest.raises(ValueError, match="vocab_size"):
+        speculative_generate(target, tiny(3, V=21, layers=1), x, max_new_tokens=4)
+    with pytest.raises(ValueError, match="gamma"):
+        speculative_generate(target, draft, x, max_new_tokens=4, gamma=0)
+    with pytest.raises(ValueError, match="temperature"):
+        speculative_generate(target, draft, x, max_new_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        autoregressive_generate(target, x, max_new_tokens=4, temperature=-1.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        speculative_generate(target, draft, x, max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        speculative_generate(target, draft, x, max_new_tokens=100)  # exceeds block_size 64
+    with pytest.raises(ValueError, match="input_ids"):
+        speculative_generate(target, draft, x[0], max_new_tokens=4)
+    with pytest.raises(ValueError, match="q must be"):  # mismatched batch sizes
+        speculative_accept(torch.zeros(2, 3, dtype=torch.long), torch.rand(3, 3, 5), torch.rand(2, 4, 5))
+    with pytest.raises(ValueError, match="q must be"):
+        speculative_accept(torch.zeros(2, 3, dtype=torch.long), torch.rand(2, 3, 5), torch.rand(2, 3, 5))
+    with pytest.raises(ValueError, match="alpha"):
+        expected_tokens_per_call(1.5, 4)
+    with pytest.raises(ValueError, match="gamma"):
+        expected_tokens_per_call(0.5, -1)
+    with pytest.raises(ValueError, match="min_ngram"):
+        PromptLookup(max_ngram=2, min_ngram=3)
+    with pytest.raises(ValueError, match="order"):
+        NGramTable.from_tokens(ids(100), 20, order=1)
+    with pytest.raises(ValueError, match="ids"):
+        NGramTable.from_tokens(ids(100), 10, order=2)  # tokens >= vocab_size
+    with pytest.raises(ValueError, match="min_gamma"):
+        AdaptiveGamma(DraftModel(draft), start=0)
+    with pytest.raises(ValueError, match="stop_below"):
+        DraftModel(draft, stop_below=1.5)
+
+
+def test_dispatch_free_draft_forward_equals_the_module():
+    from refimpl.speculative import tinygpt_last_logits
+    model = tiny(4, layers=2)
+    x = ids(1, 9, seed=8)
+    c1, c2 = model.empty_cache(1), model.empty_cache(1)
+    with torch.no_grad():
+        for a, b in [(0, 5), (5, 6), (6, 8)]:
+            want = model(x[:, a:b], cache=c1)[:, -1]
+            got = tinygpt_last_logits(model, x[:, a:b], c2)
+            assert torch.allclose(got, want, atol=1e-12, rtol=0) and len(c1) == len(c2)
+        c1.crop(3), c2.crop(3)
+        assert torch.allclose(tinygpt_last_logits(model, x[:, 3:4], c2), model(x[:, 3:4], cache=c1)[:, -1],
+                              atol=1e-12, rtol=0)
