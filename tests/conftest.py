@@ -10,4 +10,4 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tests use tiny models: more threads only add overhead

@@ -15,13 +15,6 @@ from refimpl.kernels.packing import varlen_flash_attention
 from refimpl.packing import padding_free_prefill, varlen_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def stream(lengths, H=2, D=16, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -24,13 +24,6 @@ from refimpl.packing import (best_fit_decreasing, first_fit_decreasing, generate
 V, BLOCK, ATOL = 50, 64, 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def build(arch):
     torch.manual_seed(0)

@@ -21,14 +21,6 @@ from refimpl.speculative import (AdaptiveGamma, DraftModel, NGramTable, PromptLo
                                  speculative_accept, speculative_generate)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add overhead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(seed, V=20, layers=2, block=64, emb=16, scale=4.0):
     """A random TinyGPT in float64; weights scaled up so that logits are far from ties."""
