@@ -26,7 +26,6 @@ def build(arch, impl="sdpa", seed=0):
     return LlamaForCausalLM(config).eval()
 
 
-
 MODELS = [("gpt2", "sdpa"), ("gpt2", "eager"), ("llama", "sdpa"), ("llama", "eager")]
 
 

@@ -15,7 +15,6 @@ from refimpl.kernels.packing import varlen_flash_attention
 from refimpl.packing import padding_free_prefill, varlen_attention
 
 
-
 def stream(lengths, H=2, D=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(sum(lengths), H, D, generator=g) for _ in range(3))

@@ -24,7 +24,6 @@ from refimpl.packing import (best_fit_decreasing, first_fit_decreasing, generate
 V, BLOCK, ATOL = 50, 64, 1e-5
 
 
-
 def build(arch):
     torch.manual_seed(0)
     if arch == "tiny":

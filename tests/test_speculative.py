@@ -21,7 +21,6 @@ from refimpl.speculative import (AdaptiveGamma, DraftModel, NGramTable, PromptLo
                                  speculative_accept, speculative_generate)
 
 
-
 def tiny(seed, V=20, layers=2, block=64, emb=16, scale=4.0):
     """A random TinyGPT in float64; weights scaled up so that logits are far from ties."""
     torch.manual_seed(seed)
