@@ -1,0 +1,106 @@
+"""The per-step work of (diverse) beam search in one Triton kernel.
+
+Diverse beam search (Vijayakumar et al. 2016, Algorithm 1 with the Hamming diversity of
+eq. 4) advances group g by scoring every continuation v of each of its beams j,
+
+    cand[n, j, v] = running[n, j] + logits[n, j, v] - logsumexp_v(logits[n, j])
+                    - diversity_penalty * counts[n, v]
+
+and keeping the top k = 2 * B/G of the Bg * V candidates of prompt n. In plain torch that
+is a log_softmax, a subtraction, an addition and a top-k over a [N, Bg * V] tensor, each a
+pass over memory. Here one program per beam row (n, j) makes two passes over the vocabulary:
+
+1. an online log-sum-exp (running max m and normaliser l, as in FlashAttention's softmax),
+2. the candidate scores block by block, keeping each block's k best by k rounds of
+   max / argmax / mask-out, written as [N, Bg, n_blocks, k] values and flat indices.
+
+The global top-k per prompt is then a torch.topk over Bg * n_blocks * k survivors instead
+of Bg * V scores (k survivors per block suffice: the global top-k holds at most k of any
+block). ``refimpl.search.group_candidates`` is the reference it must equal.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _group_candidates_kernel(
+    Logits, Running, Counts, OutVal, OutIdx,
+    stride_lr, stride_cn, Bg, V, n_blocks, penalty,
+    K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_PENALTY: tl.constexpr,
+):
+    row = tl.program_id(0)              # row = n * Bg + j
+    n = row // Bg
+    j = row % Bg
+    offs = tl.arange(0, BLOCK_V)
+    base = Logits + row * stride_lr
+
+    # pass 1: log-sum-exp over the vocabulary, online (max m, normaliser l)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes that saw only padding
+        l = l * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+        m = m_new
+    m_row = tl.max(m, 0)
+    lse = m_row + tl.log(tl.sum(l * tl.exp(m - m_row), 0))
+
+    # pass 2: candidate scores, each block's K best
+    shift = tl.load(Running + row).to(tl.float32) - lse
+    for blk in range(0, n_blocks):
+        cols = blk * BLOCK_V + offs
+        ok = cols < V
+        s = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32) + shift
+        if HAS_PENALTY:
+            c = tl.load(Counts + n * stride_cn + cols, mask=ok, other=0.0).to(tl.float32)
+            s = s - penalty * c
+        s = tl.where(ok, s, float("-inf"))
+        out = (row * n_blocks + blk) * K
+        for i in tl.static_range(K):
+            best = tl.max(s, 0)
+            at = tl.argmax(s, 0)
+            tl.store(OutVal + out + i, best)
+            tl.store(OutIdx + out + i, (j * V + blk * BLOCK_V + at).to(tl.int64))
+            s = tl.where(offs == at, float("-inf"), s)
+
+
+def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2, block_v=None):
+    """Triton version of ``refimpl.search.group_candidates``: (scores [N, k], flat indices [N, k]).
+
+    logits [N, Bg, V] (fp32/fp16/bf16), running [N, Bg], counts [N, V] or None.
+    """
+    if logits.ndim != 3 or running.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [N, Bg, V] and running [N, Bg]; got {tuple(logits.shape)} "
+                         f"and {tuple(running.shape)}")
+    N, Bg, V = logits.shape
+    if not isinstance(k, int) or not 1 <= k <= Bg * V:
+        raise ValueError(f"k must be an integer in [1, Bg * V = {Bg * V}], got {k!r}")
+    if not diversity_penalty >= 0:
+        raise ValueError(f"diversity_penalty must be >= 0, got {diversity_penalty!r}")
+    if counts is not None and counts.shape != (N, V):
+        raise ValueError(f"counts must be [N, V] = [{N}, {V}], got {tuple(counts.shape)}")
+    if not logits.is_cuda and isinstance(_group_candidates_kernel, triton.runtime.JITFunction):
+        raise ValueError(f"logits are on {logits.device}: the Triton kernel needs CUDA tensors, or "
+                         "TRITON_INTERPRET=1 set before refimpl.kernels.search is imported")
+    block_v = block_v or max(16, min(1024, triton.next_power_of_2(V)))
+    if block_v < 16 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    K = min(k, block_v)
+    n_blocks = triton.cdiv(V, block_v)
+    logits = logits.reshape(N * Bg, V)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    running = running.float().contiguous()
+    has_penalty = counts is not None and diversity_penalty > 0
+    counts = counts.float().contiguous() if has_penalty else running  # dummy pointer when unused
+    vals = torch.empty((N, Bg, n_blocks, K), dtype=torch.float32, device=logits.device)
+    idx = torch.empty((N, Bg, n_blocks, K), dtype=torch.int64, device=logits.device)
+    _group_candidates_kernel[(N * Bg,)](
+        logits, running, counts, vals, idx, logits.stride(0), counts.stride(0) if has_penalty else 0,
+        Bg, V, n_blocks, float(diversity_penalty), K=K, BLOCK_V=block_v, HAS_PENALTY=has_penalty)
+    top, pos = vals.view(N, -1).topk(k, dim=1)
+    return top, idx.view(N, -1).gather(1, pos)

@@ -1,0 +1,428 @@
+"""Greedy search, beam search and diverse beam search on a KV-cached decoder.
+
+Papers: Vijayakumar et al. 2016, "Diverse Beam Search: Decoding Diverse Solutions
+from Neural Sequence Models" (Algorithm 1, Hamming diversity, eq. 4); beam search as
+implemented by Hugging Face transformers 4.56.2 (``GenerationMixin._beam_search`` and
+``_group_beam_search`` with ``BeamSearchScorer``), whose outputs this module reproduces
+token for token.
+
+Beam search keeps, per prompt, the ``num_beams`` best partial sequences ranked by
+their summed log-probability. Each step scores every (beam, token) continuation,
+
+    s(y_1..t) = s(y_1..t-1) + log p(y_t | y_<t)                          (running score)
+
+keeps the top 2B candidates (so B of them survive even if up to B end in EOS), sets
+aside those that end in EOS *and* rank in the top B as finished hypotheses scored
+
+    score = s(y_1..t) / t ** length_penalty                               (t counts EOS)
+
+and continues the best B that did not finish. Diverse beam search splits the B beams
+into G groups of B/G; at each step group g is advanced after groups 0..g-1 and
+subtracts ``diversity_penalty * (number of beams of earlier groups that picked token v
+at this step)`` from log p(v) (Hamming diversity, Vijayakumar et al. eq. 4). The penalty
+enters the running score, so it is part of ``sequences_scores``.
+
+transformers 4.56.2 runs *two* implementations, and they differ in corner cases that we
+reproduce (``_Rules`` below): plain beam search (G = 1) is vectorised; group beam search
+(G > 1) uses the older ``BeamSearchScorer``. They differ in (a) which score the stopping
+heuristic compares with, (b) which beams are kept as hypotheses when ``max_new_tokens``
+runs out, and (c) the filler after a finished hypothesis (``pad_token_id or eos`` vs
+``pad_token_id``, so a pad id of 0 becomes EOS in plain beam search).
+
+Decoding never recomputes a prefix: the prompt is encoded once per prompt (not once per
+beam), the KV cache is then repeated B times, and every step feeds one token per beam
+and reorders the cache rows to follow the surviving beams (``cache.reorder``).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from refimpl.lm import additive_mask
+
+EARLY_STOPPING = (True, False, "never")
+
+
+@dataclass
+class BeamOutput:
+    sequences: torch.Tensor         # [batch * num_return_sequences, T], prompt included
+    sequences_scores: torch.Tensor  # [batch * num_return_sequences], length-normalised
+
+
+def check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, attention_mask):
+    """ValueError naming the argument for inputs that greedy and beam search share."""
+    if isinstance(input_ids, (list, tuple)) and len({len(p) for p in input_ids}) > 1:
+        raise ValueError("input_ids: prompts of different lengths must be left-padded into one tensor "
+                         "and come with an attention_mask (0 on padding)")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() \
+            or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError("input_ids must be an integer tensor [batch >= 1, prompt length >= 1]")
+    vocab, block = model.config.vocab_size, model.config.block_size
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if input_ids.shape[1] + max_new_tokens > block:
+        raise ValueError(f"prompt length ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
+                         f"must be <= the model's block_size ({block})")
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None and (not isinstance(value, int) or not 0 <= value < vocab):
+            raise ValueError(f"{name} must be None or an integer in [0, {vocab}), got {value!r}")
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise ValueError(f"input_ids must hold token ids in [0, {vocab})")
+    if attention_mask is None:
+        if pad_token_id is not None and pad_token_id != eos_token_id and (input_ids[:, 0] == pad_token_id).any():
+            raise ValueError("attention_mask is required for left-padded prompts (a row starts with "
+                             "pad_token_id); give 0 on padding, 1 on tokens")
+        return
+    if attention_mask.shape != input_ids.shape or not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError(f"attention_mask must be 0/1 of the shape of input_ids {tuple(input_ids.shape)}")
+    if not attention_mask[:, -1].all() or (attention_mask.diff(dim=1) < 0).any():
+        raise ValueError("attention_mask must describe left padding: zeros, then ones, last column all ones")
+
+
+class Stepper:
+    """Runs a batch of left-padded prompts through ``model`` with one KV cache.
+
+    Positions and mask follow HF ``generate``: position = cumsum(attention_mask) - 1
+    (padding gets 1), and a 4-D additive mask that hides padding keys. Without padding
+    both stay None and the model's own causal defaults apply.
+    """
+
+    def __init__(self, model, input_ids, attention_mask=None, max_new_tokens=0):
+        self.model, self.input_ids = model, input_ids
+        N, T = input_ids.shape
+        self.cache = model.empty_cache(N)
+        self.positions = self.mask = self.prompt_mask = None
+        if attention_mask is not None and not attention_mask.all():
+            keep = attention_mask.bool()
+            self.positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~keep, 1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
+            self.prompt_mask = additive_mask(causal & keep[:, None, None, :])           # [N, 1, T, T]
+            future = torch.ones(N, max_new_tokens, dtype=torch.bool, device=keep.device)
+            self.mask = additive_mask(torch.cat([keep, future], 1))[:, None, None, :]  # [N, 1, 1, S]
+
+    def prompt(self) -> torch.Tensor:
+        """Encode the prompts; return the next-token logits [N, V] in fp32."""
+        return self.model(self.input_ids, self.positions, self.prompt_mask, self.cache)[:, -1].float()
+
+    def repeat(self, times: int) -> None:
+        """Give every prompt ``times`` identical cache rows (its beams), rows of a prompt adjacent."""
+        if times == 1:
+            return
+        self.cache.reorder(torch.arange(self.cache.batch_size).repeat_interleave(times))
+        if self.mask is not None:
+            self.positions = self.positions.repeat_interleave(times, 0)
+            self.mask = self.mask.repeat_interleave(times, 0)
+
+    def step(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Continue row ``rows[i]`` of the cache with ``tokens[i]``; return logits [N, V].
+
+        Rows only move between beams of one prompt, which share positions and mask.
+        """
+        if rows is not None:
+            self.cache.reorder(rows)
+        past = len(self.cache)
+        positions = mask = None
+        if self.mask is not None:
+            positions = self.positions[:, -1:] + past - self.input_ids.shape[1] + 1
+            mask = self.mask[..., :past + 1]
+        return self.model(tokens[:, None], positions, mask, self.cache)[:, -1].float()
+
+
+@torch.no_grad()
+def greedy_search(model, input_ids, *, max_new_tokens, eos_token_id=None, pad_token_id=None,
+                  attention_mask=None) -> torch.Tensor:
+    """The argmax token at every step, as HF ``generate(do_sample=False, num_beams=1)``.
+
+    Once a row emits EOS it is filled with ``pad_token_id`` (EOS if None); decoding stops
+    when every row has finished or after ``max_new_tokens``. Returns [N, T + steps].
+    """
+    check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, attention_mask)
+    return greedy_decode(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, attention_mask)[0]
+
+
+def greedy_decode(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, attention_mask):
+    """Greedy search; returns (sequences, summed log-probs [N], generated lengths [N] incl. EOS)."""
+    pad = pad_token_id if pad_token_id is not None else eos_token_id
+    stepper = Stepper(model, input_ids, attention_mask, max_new_tokens)
+    logits = stepper.prompt()
+    out = [input_ids]
+    N = input_ids.shape[0]
+    running = torch.ones(N, dtype=torch.bool, device=input_ids.device)
+    logp_sum = torch.zeros(N, device=input_ids.device)
+    length = torch.zeros(N, dtype=torch.long, device=input_ids.device)
+    for t in range(max_new_tokens):
+        token = logits.argmax(-1)
+        logp_sum += torch.log_softmax(logits, -1).gather(1, token[:, None])[:, 0] * running
+        length += running
+        if eos_token_id is not None:
+            token = torch.where(running, token, pad)
+            running &= token != eos_token_id
+        out.append(token[:, None])
+        if t == max_new_tokens - 1 or not running.any():
+            break
+        logits = stepper.step(token)
+    return torch.cat(out, 1), logp_sum, length
+
+
+def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
+    """Top-k continuations of one beam group; logits [N, Bg, V], running scores [N, Bg].
+
+    candidate score = running + log_softmax(logits) - diversity_penalty * counts
+    (Vijayakumar et al. eq. 4: counts [N, V] = how often earlier groups chose each token
+    at this step). Returns (scores [N, k], flat indices [N, k] into Bg * V), best first.
+    """
+    N, Bg, V = logits.shape
+    logp = torch.log_softmax(logits, dim=-1)
+    if counts is not None and diversity_penalty:
+        logp = logp - diversity_penalty * counts[:, None, :]
+    return (logp + running[..., None]).view(N, Bg * V).topk(k, dim=1)
+
+
+@dataclass
+class Hypotheses:
+    """Finished hypotheses: per prompt and group, the best Bg by length-normalised score."""
+    scores: torch.Tensor    # [N, G, Bg], -1e9 where empty
+    tokens: torch.Tensor    # [N, G, Bg, max_new] generated tokens, EOS included
+    lengths: torch.Tensor   # [N, G, Bg] generated length, EOS included
+    full: torch.Tensor      # [N, G, Bg] slot holds a hypothesis
+
+    @classmethod
+    def empty(cls, N, G, Bg, max_new, fill, device):
+        return cls(torch.full((N, G, Bg), -1e9, device=device),
+                   torch.full((N, G, Bg, max_new), fill, dtype=torch.long, device=device),
+                   torch.zeros((N, G, Bg), dtype=torch.long, device=device),
+                   torch.zeros((N, G, Bg), dtype=torch.bool, device=device))
+
+    def add(self, g, scores, tokens, length, accept):
+        """Merge candidates (scores [N, K], tokens [N, K, max_new]) where ``accept``; keep the best Bg."""
+        Bg = self.scores.shape[2]
+        merged = torch.cat([self.scores[:, g], scores.masked_fill(~accept, float("-inf"))], 1)
+        best = merged.topk(Bg, dim=1).indices
+        self.scores[:, g] = merged.gather(1, best)
+        all_tokens = torch.cat([self.tokens[:, g], tokens], 1)
+        self.tokens[:, g] = all_tokens.gather(1, best[..., None].expand(-1, -1, all_tokens.shape[2]))
+        self.lengths[:, g] = torch.cat([self.lengths[:, g], torch.full_like(scores, length, dtype=torch.long)],
+                                       1).gather(1, best)
+        self.full[:, g] = torch.cat([self.full[:, g], accept], 1).gather(1, best)
+
+
+def check_beam_args(num_beams, num_beam_groups, diversity_penalty, num_return_sequences, early_stopping,
+                    length_penalty):
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if not isinstance(num_beam_groups, int) or num_beam_groups < 1 or num_beams % num_beam_groups:
+        raise ValueError(f"num_beam_groups must be an integer in [1, num_beams={num_beams}] that divides "
+                         f"num_beams, got {num_beam_groups!r}")
+    if not diversity_penalty >= 0:
+        raise ValueError(f"diversity_penalty must be >= 0, got {diversity_penalty!r}")
+    if diversity_penalty > 0 and num_beam_groups == 1:
+        raise ValueError("diversity_penalty > 0 needs num_beam_groups > 1 (it penalises tokens chosen "
+                         "by earlier groups)")
+    if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(f"num_return_sequences must be an integer in [1, num_beams={num_beams}], "
+                         f"got {num_return_sequences!r}")
+    if not any(early_stopping is e for e in EARLY_STOPPING):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if not isinstance(length_penalty, (int, float)) or length_penalty != length_penalty:
+        raise ValueError(f"length_penalty must be a real number, got {length_penalty!r}")
+
+
+@torch.no_grad()
+def sequence_logprobs(model, sequences, prompt_len, attention_mask=None):
+    """log p(token | prefix) [N, T - prompt_len] of every generated token, in one forward pass."""
+    N, T = sequences.shape
+    mask = positions = None
+    if attention_mask is not None and not attention_mask.all():
+        keep = torch.cat([attention_mask.bool(), torch.ones(N, T - prompt_len, dtype=torch.bool,
+                                                             device=sequences.device)], 1)
+        positions = (keep.long().cumsum(-1) - 1).masked_fill(~keep, 1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=sequences.device).tril()
+        mask = additive_mask(causal & keep[:, None, None, :])
+    logits = model(sequences, positions, mask, model.empty_cache(N)).float()
+    logp = torch.log_softmax(logits[:, prompt_len - 1:-1], dim=-1)
+    return logp.gather(2, sequences[:, prompt_len:, None])[..., 0]
+
+
+@torch.no_grad()
+def beam_search(model, input_ids, *, num_beams, max_new_tokens, length_penalty=1.0, early_stopping=False,
+                eos_token_id=None, pad_token_id=None, attention_mask=None, num_return_sequences=1,
+                num_beam_groups=1, diversity_penalty=0.0) -> BeamOutput:
+    """Beam search (G = 1) or diverse beam search (G > 1), as HF ``generate(do_sample=False)``.
+
+    ``num_beams=1`` is greedy search (as in HF); its score is then the greedy sequence's
+    sum of log-probabilities / generated length ** length_penalty.
+    """
+    check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, attention_mask)
+    check_beam_args(num_beams, num_beam_groups, diversity_penalty, num_return_sequences, early_stopping,
+                    length_penalty)
+    if num_beams == 1:
+        seqs, logp_sum, length = greedy_decode(model, input_ids, max_new_tokens, eos_token_id,
+                                               pad_token_id, attention_mask)
+        return BeamOutput(seqs, logp_sum / length.float() ** length_penalty)
+    N, P = input_ids.shape
+    B, G = num_beams, num_beam_groups
+    Bg, device = B // G, input_ids.device
+    rules = Rules(G > 1, early_stopping, length_penalty, max_new_tokens)
+    fill = rules.filler(eos_token_id, pad_token_id)
+    hyps = Hypotheses.empty(N, G, Bg, max_new_tokens, fill, device)
+    tokens = torch.full((N, B, max_new_tokens), fill, dtype=torch.long, device=device)
+    running = torch.full((N, G, Bg), -1e9, device=device)
+    running[:, :, 0] = 0  # only the first beam of each group is live at the start
+    running = running.view(N, B)
+    done = torch.zeros(N, G, dtype=torch.bool, device=device)   # scorer rules (G > 1)
+    open_ = torch.ones(N, dtype=torch.bool, device=device)        # vectorised rules (G = 1)
+    stepper = Stepper(model, input_ids, attention_mask, max_new_tokens)
+    logits = stepper.prompt()
+    stepper.repeat(B)
+    logits = logits.repeat_interleave(B, 0)
+    rank = torch.arange(2 * Bg, device=device)
+    for t in range(max_new_tokens):
+        last = t == max_new_tokens - 1
+        logits = logits.view(N, B, -1)
+        V = logits.shape[2]
+        counts = torch.zeros(N, V, device=device) if G > 1 else None
+        parents = torch.empty(N, B, dtype=torch.long, device=device)
+        chosen = torch.empty(N, B, dtype=torch.long, device=device)
+        new_running = torch.empty_like(running)
+        for g in range(G):
+            beams = slice(g * Bg, (g + 1) * Bg)
+            cand_scores, flat = group_candidates(logits[:, beams], running[:, beams], counts,
+                                                 diversity_penalty, 2 * Bg)
+            parent, token = flat // V + g * Bg, flat % V
+            ends = token == eos_token_id if eos_token_id is not None else torch.zeros_like(token, dtype=torch.bool)
+            # a candidate finishes only if it ranks in the group's top Bg (both rules)
+            finishing = (ends | (last and not rules.scorer)) & (rank < Bg)
+            accept = ~done[:, g, None] if rules.scorer else (open_ & ~rules.full_and_stopping(hyps))[:, None]
+            if (finishing & accept).any():
+                cand_tokens = tokens.gather(1, parent[..., None].expand(-1, -1, max_new_tokens))
+                cand_tokens[:, :, t] = token
+                hyps.add(g, cand_scores / (t + 1) ** length_penalty, cand_tokens, t + 1, finishing & accept)
+            # the Bg best candidates that did not end in EOS continue (stable sort keeps rank order)
+            keep = ends.long().argsort(dim=1, stable=True)[:, :Bg]
+            parents[:, beams] = parent.gather(1, keep)
+            new_running[:, beams] = cand_scores.gather(1, keep)
+            chosen[:, beams] = token.gather(1, keep)
+            if rules.scorer:  # a group done at an earlier step is fed padding (it still counts as a choice)
+                chosen[:, beams] = chosen[:, beams].masked_fill(done[:, g, None], fill)
+                done[:, g] |= rules.group_done(hyps, g, cand_scores[:, 0], t + 1)
+            if G > 1:
+                counts.scatter_add_(1, chosen[:, beams], torch.ones_like(chosen[:, beams], dtype=counts.dtype))
+        running = new_running
+        tokens = tokens.gather(1, parents[..., None].expand(-1, -1, max_new_tokens))
+        tokens[:, :, t] = chosen
+        if rules.scorer:
+            stop = bool(done.all())
+        else:
+            open_ &= rules.may_improve(hyps, running[:, 0], t + 1)
+            stop = not open_.any() or bool(rules.full_and_stopping(hyps).all())
+        if last or stop:
+            break
+        rows = (parents + torch.arange(N, device=device)[:, None] * B).view(-1)
+        logits = stepper.step(chosen.view(-1), rows)
+    if rules.scorer:  # BeamSearchScorer.finalize: unfinished groups add their running beams
+        for g in range(G):
+            beams = slice(g * Bg, (g + 1) * Bg)
+            accept = ~done[:, g, None].expand(N, Bg)
+            hyps.add(g, running[:, beams] / (t + 1) ** length_penalty, tokens[:, beams], t + 1, accept)
+    return collect(hyps, input_ids, num_return_sequences, fill)
+
+
+def collect(hyps: Hypotheses, input_ids, num_return_sequences, fill) -> BeamOutput:
+    """The best ``num_return_sequences`` hypotheses of each prompt over all groups, prompt prepended."""
+    N = input_ids.shape[0]
+    scores = hyps.scores.view(N, -1)
+    best = scores.sort(dim=1, descending=True, stable=True).indices[:, :num_return_sequences]
+    tokens = hyps.tokens.view(N, scores.shape[1], -1)
+    tokens = tokens.gather(1, best[..., None].expand(-1, -1, tokens.shape[2])).flatten(0, 1)
+    length = int(hyps.lengths.view(N, -1).gather(1, best).max())
+    prompt = input_ids.repeat_interleave(num_return_sequences, 0)
+    return BeamOutput(torch.cat([prompt, tokens[:, :length]], 1), scores.gather(1, best).flatten())
+
+
+@dataclass
+class Rules:
+    """The stopping and bookkeeping rules of HF 4.56.2: BeamSearchScorer if ``scorer`` (G > 1),
+    else the vectorised ``_beam_search``."""
+    scorer: bool
+    early_stopping: bool | str
+    length_penalty: float
+    max_new_tokens: int
+
+    def filler(self, eos, pad):
+        """Token after a finished hypothesis. Plain HF beam search fills with ``pad or eos``."""
+        if pad is None or (not self.scorer and pad == 0 and eos is not None):
+            return eos if eos is not None else 0
+        return pad
+
+    def best_length(self, length):
+        """The generated length at which a running beam could score best (HF's heuristic)."""
+        if self.early_stopping == "never" and self.length_penalty > 0:
+            return self.max_new_tokens
+        return length
+
+    def full_and_stopping(self, hyps):
+        """Vectorised rules: with early_stopping=True a prompt whose B slots are full takes no more."""
+        return hyps.full[:, 0].all(1) & (self.early_stopping is True)
+
+    def may_improve(self, hyps, best_running, length):
+        """Vectorised rules: could the best running beam still beat the worst finished one?"""
+        bound = best_running / self.best_length(length) ** self.length_penalty
+        worst = torch.where(hyps.full[:, 0], hyps.scores[:, 0].min(1, keepdim=True).values, -1e9)
+        return (bound[:, None] > worst).any(1)
+
+    def group_done(self, hyps, g, best_candidate, length):
+        """Scorer rules (BeamHypotheses.is_done): the group is full and cannot improve."""
+        full = hyps.full[:, g].all(1)
+        if self.early_stopping is True:
+            return full
+        bound = best_candidate / self.best_length(length) ** self.length_penalty
+        return full & (hyps.scores[:, g].min(1).values >= bound)
+
+
+# ---- metrics for a set of hypotheses (Vijayakumar et al. sec. 5: distinct-n, oracle/quality) ----
+
+def distinct_n(hypotheses: list[list[int]], n: int) -> float:
+    """Distinct n-grams over all n-grams in a set of hypotheses (Li et al. 2016); 0 if none."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    grams = [tuple(h[i:i + n]) for h in hypotheses for i in range(len(h) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def edit_distance(a, b) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions cost 1."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def mean_pairwise_edit_distance(hypotheses: list[list[int]]) -> float:
+    """Mean Levenshtein distance over all unordered pairs of hypotheses (0 for fewer than 2)."""
+    pairs = list(itertools.combinations(hypotheses, 2))
+    return sum(edit_distance(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0
+
+
+def strip_generated(sequences: torch.Tensor, prompt_len: int, eos_token_id=None) -> list[list[int]]:
+    """Generated tokens of each row, cut after the first EOS (EOS kept)."""
+    out = []
+    for row in sequences[:, prompt_len:].tolist():
+        if eos_token_id is not None and eos_token_id in row:
+            row = row[:row.index(eos_token_id) + 1]
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def mean_logprob_per_token(model, sequences, prompt_len, eos_token_id=None, attention_mask=None) -> torch.Tensor:
+    """Quality of each hypothesis: mean log p(token | prefix) over its generated tokens [N]."""
+    logp = sequence_logprobs(model, sequences, prompt_len, attention_mask)
+    keep = torch.ones_like(logp, dtype=torch.bool)
+    if eos_token_id is not None:  # tokens after the first EOS are padding
+        ends = (sequences[:, prompt_len:] == eos_token_id).long()
+        keep = ends.cumsum(1) - ends == 0
+    return (logp * keep).sum(1) / keep.sum(1)

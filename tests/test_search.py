@@ -1,0 +1,306 @@
+"""Beam search and diverse beam search against HF transformers 4.56.2, a brute force and
+properties from Vijayakumar et al. 2016."""
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from refimpl.hf import HFCausalLM
+from refimpl.lm import GPTConfig, TinyGPT
+from refimpl.search import (BeamOutput, beam_search, distinct_n, edit_distance, greedy_search,
+                            mean_logprob_per_token, mean_pairwise_edit_distance, strip_generated)
+
+transformers.logging.set_verbosity_error()
+V, EOS, PAD, MAX_NEW = 40, 3, 5, 8
+
+
+def hf_model(kind, seed=0, eos_bias=1.5):
+    """A small random HF causal LM whose lm head favours EOS, so hypotheses do finish."""
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                           bos_token_id=0, eos_token_id=EOS))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, max_position_embeddings=64))
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.bias = torch.nn.Parameter(torch.zeros(V))
+        head.bias[EOS] = eos_bias
+    return model.eval()
+
+
+def prompts():
+    """Batch 2 with left padding: row 1 has two padding positions."""
+    ids = torch.randint(6, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = PAD, 0
+    return ids, mask
+
+
+def hf_generate(model, ids, mask, **kw):
+    return model.generate(ids, attention_mask=mask, do_sample=False, return_dict_in_generate=True,
+                          output_scores=True, **kw)
+
+
+def hf_greedy_scores(out, prompt_len, length_penalty):
+    """Score of HF's greedy sequences from HF's own per-step logits (output_scores)."""
+    logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+    gen = out.sequences[:, prompt_len:]
+    tok_logp = logp.gather(2, gen[..., None])[..., 0]
+    ends = (gen == EOS).long()
+    keep = ends.cumsum(1) - ends == 0
+    return (tok_logp * keep).sum(1) / keep.sum(1).float() ** length_penalty
+
+
+GROUPS = [(1, 1, 0.0), (2, 1, 0.0), (2, 2, 0.5), (3, 1, 0.0), (3, 3, 2.0), (4, 1, 0.0), (4, 2, 1.0),
+          (4, 4, 0.3)]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("num_beams,num_beam_groups,diversity_penalty", GROUPS)
+def test_equals_hf_generate(kind, num_beams, num_beam_groups, diversity_penalty):
+    model = hf_model(kind)
+    ours_model = HFCausalLM(model)
+    ids, mask = prompts()
+    stopped_early = 0
+    for lp, es in itertools.product((-0.5, 0.0, 1.0, 2.0), (True, False, "never")):
+        kw = dict(num_beams=num_beams, num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
+                  length_penalty=lp, early_stopping=es, max_new_tokens=MAX_NEW, eos_token_id=EOS,
+                  pad_token_id=PAD, num_return_sequences=min(num_beams, 2 + (lp > 0)))
+        ref = hf_generate(model, ids, mask, **kw)
+        ours = beam_search(ours_model, ids, attention_mask=mask, **kw)
+        assert torch.equal(ours.sequences, ref.sequences), kw
+        if num_beams == 1:  # HF runs greedy search and returns no sequences_scores
+            torch.testing.assert_close(ours.sequences_scores, hf_greedy_scores(ref, 6, lp), atol=1e-4, rtol=0)
+        else:
+            torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
+        generated = ours.sequences[:, 6:]
+        assert (generated == EOS).any(1).all(), f"a returned hypothesis never finished: {kw}"
+        stopped_early += ours.sequences.shape[1] < 6 + MAX_NEW
+    assert stopped_early > 0, "no setting stopped before max_new_tokens: the grid proves little"
+
+
+def test_equals_hf_generate_random_settings():
+    """Random settings, small vocabularies included (junk beams, EOS ranked past B, many finishes)."""
+    rng = torch.Generator().manual_seed(0)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=rng))]
+    finished_early = 0
+    for case in range(60):
+        vocab = pick([6, 40])
+        torch.manual_seed(case)
+        config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+        model = GPT2LMHeadModel(config).eval()
+        with torch.no_grad():
+            model.lm_head.bias = torch.nn.Parameter(torch.zeros(vocab))
+            model.lm_head.bias[3] = pick([0.5, 1.5, 2.5])
+        N, P = pick([1, 2, 3]), pick([1, 4])
+        ids = torch.randint(0, vocab, (N, P), generator=rng)
+        mask = torch.ones_like(ids)
+        if N > 1 and P > 1:
+            mask[1, :2] = 0
+        B = pick([2, 3, 4, 6])
+        G = pick([g for g in (1, 2, 3) if B % g == 0])
+        kw = dict(num_beams=B, num_beam_groups=G, diversity_penalty=pick([0.3, 1.0, 5.0]) if G > 1 else 0.0,
+                  length_penalty=pick([-0.5, 0.0, 1.0, 2.0]), early_stopping=pick([True, False, "never"]),
+                  num_return_sequences=pick(list(range(1, B + 1))), max_new_tokens=pick([1, 3, 9]),
+                  eos_token_id=3, pad_token_id=pick([None, 0, 5]))
+        ref = hf_generate(model, ids, mask, **kw)
+        ours = beam_search(HFCausalLM(model), ids, attention_mask=mask, **kw)
+        assert torch.equal(ours.sequences, ref.sequences), (case, kw)
+        torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
+        finished_early += ours.sequences.shape[1] < P + kw["max_new_tokens"]
+    assert finished_early >= 10
+
+
+@pytest.mark.parametrize("pad_token_id", [None, 0])
+@pytest.mark.parametrize("num_beam_groups", [1, 2])
+def test_padding_filler_matches_hf(pad_token_id, num_beam_groups):
+    """HF fills with `pad or eos` in plain beam search (pad 0 becomes EOS) and with pad in group search."""
+    model = hf_model("gpt2", seed=3, eos_bias=2.5)
+    ids, mask = prompts()
+    kw = dict(num_beams=4, num_beam_groups=num_beam_groups, diversity_penalty=0.5 * (num_beam_groups > 1),
+              max_new_tokens=MAX_NEW, eos_token_id=EOS, pad_token_id=pad_token_id, num_return_sequences=4)
+    ref = hf_generate(model, ids, mask, **kw)
+    ours = beam_search(HFCausalLM(model), ids, attention_mask=mask, **kw)
+    assert torch.equal(ours.sequences, ref.sequences)
+    torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
+    ends = (ours.sequences[:, 6:] == EOS).long()
+    assert ((ends.cumsum(1) - ends) > 0).any(), "no hypothesis has a filler after EOS"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_greedy_equals_hf(kind):
+    model = hf_model(kind, eos_bias=2.0)
+    ids, mask = prompts()
+    for pad in (None, PAD):
+        ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                             eos_token_id=EOS, pad_token_id=pad)
+        ours = greedy_search(HFCausalLM(model), ids, attention_mask=mask, max_new_tokens=MAX_NEW,
+                             eos_token_id=EOS, pad_token_id=pad)
+        assert torch.equal(ours, ref)
+    assert (ours[:, 6:] == EOS).any()
+
+
+def tiny_gpt(vocab, seed=0, n_embd=16):
+    torch.manual_seed(seed)
+    model = TinyGPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=n_embd)).eval()
+    with torch.no_grad():  # random weights of std 0.02 give nearly uniform, tie-prone distributions
+        for p in model.parameters():
+            p.mul_(30.0 if p.ndim > 1 else 1.0)
+    return model
+
+
+@pytest.mark.parametrize("vocab,length", [(3, 4), (4, 3), (3, 5)])
+@pytest.mark.parametrize("length_penalty", [-0.5, 0.0, 1.0, 2.0])
+def test_brute_force_best_sequence(vocab, length, length_penalty):
+    """A beam as wide as the number of sequences finds the exact best hypothesis."""
+    model, eos = tiny_gpt(vocab, seed=vocab + length), 1
+    prompt = torch.tensor([[0, 2]])
+    every = torch.tensor(list(itertools.product(range(vocab), repeat=length)))
+    seqs = torch.cat([prompt.expand(len(every), -1), every], 1)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(seqs).float(), -1)[:, 1:-1].gather(2, seqs[:, 2:, None])[..., 0]
+    best = {}
+    for row, lp_row in zip(every.tolist(), logp):
+        end = row.index(eos) + 1 if eos in row else length  # a hypothesis stops at its first EOS
+        best[tuple(row[:end])] = float(lp_row[:end].sum()) / end ** length_penalty
+    want_seq, want_score = max(best.items(), key=lambda kv: kv[1])
+    out = beam_search(model, prompt, num_beams=vocab ** length, max_new_tokens=length, eos_token_id=eos,
+                      early_stopping="never", length_penalty=length_penalty)
+    got = strip_generated(out.sequences, 2, eos)[0]
+    assert tuple(got) == want_seq
+    assert abs(float(out.sequences_scores[0]) - want_score) < 1e-5
+
+
+def test_tiny_penalty_groups_are_independent_beams():
+    """Diversity penalty -> 0: each of the G groups is a plain beam search of width B/G."""
+    model, prompt = tiny_gpt(12, seed=1), torch.tensor([[4, 7, 2]])
+    for B, G in [(4, 2), (6, 3), (6, 2)]:
+        plain = beam_search(model, prompt, num_beams=B // G, max_new_tokens=6, num_return_sequences=B // G)
+        diverse = beam_search(model, prompt, num_beams=B, num_beam_groups=G, diversity_penalty=1e-6,
+                              max_new_tokens=6, num_return_sequences=B)
+        want = Counter(tuple(s) for s in plain.sequences.tolist() for _ in range(G))
+        assert Counter(tuple(s) for s in diverse.sequences.tolist()) == want
+        torch.testing.assert_close(diverse.sequences_scores, plain.sequences_scores.repeat_interleave(G),
+                                   atol=1e-4, rtol=0)
+
+
+def test_large_penalty_groups_start_differently():
+    model, prompt = tiny_gpt(12, seed=2), torch.tensor([[4, 7, 2], [1, 1, 9]])
+    out = beam_search(model, prompt, num_beams=6, num_beam_groups=6, diversity_penalty=100.0,
+                      max_new_tokens=5, num_return_sequences=6)
+    first = out.sequences[:, 3].view(2, 6)
+    assert all(len(set(row.tolist())) == 6 for row in first)
+    plain = beam_search(model, prompt, num_beams=6, max_new_tokens=5, num_return_sequences=6)
+    assert any(len(set(row.tolist())) < 6 for row in plain.sequences[:, 3].view(2, 6))  # not free
+
+
+def test_scores_sorted_and_return_prefix():
+    model, prompt = tiny_gpt(12, seed=3), torch.tensor([[4, 7, 2]])
+    for G, dp in [(1, 0.0), (2, 0.8)]:
+        full = beam_search(model, prompt, num_beams=4, num_beam_groups=G, diversity_penalty=dp,
+                           max_new_tokens=6, eos_token_id=1, num_return_sequences=4)
+        assert (full.sequences_scores.diff() <= 0).all()
+        two = beam_search(model, prompt, num_beams=4, num_beam_groups=G, diversity_penalty=dp,
+                          max_new_tokens=6, eos_token_id=1, num_return_sequences=2)
+        assert torch.equal(two.sequences, full.sequences[:2, :two.sequences.shape[1]])
+
+
+def test_left_padding_equals_unpadded_prompt():
+    """A left-padded prompt decodes exactly as the same prompt alone (positions and mask as HF)."""
+    model = tiny_gpt(12, seed=4)
+    short, long_ = torch.tensor([[4, 7, 2]]), torch.tensor([[9, 8, 4, 7, 2]])
+    ids = torch.cat([torch.cat([torch.tensor([[0, 0]]), short], 1), long_])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    for G, dp in [(1, 0.0), (2, 0.7)]:
+        kw = dict(num_beams=4, num_beam_groups=G, diversity_penalty=dp, max_new_tokens=6, eos_token_id=1,
+                  pad_token_id=0, num_return_sequences=2)
+        batch = beam_search(model, ids, attention_mask=mask, **kw)
+        alone = beam_search(model, short, **kw)
+        width = alone.sequences.shape[1] - 3
+        assert torch.equal(batch.sequences[:2, 2:2 + 3 + width], alone.sequences)
+        torch.testing.assert_close(batch.sequences_scores[:2], alone.sequences_scores, atol=1e-5, rtol=0)
+    greedy = greedy_search(model, ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(greedy[0, 2:], greedy_search(model, short, max_new_tokens=6)[0])
+
+
+class CountingModel(torch.nn.Module):
+    """Records how many tokens each forward pass receives."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.fed = model, model.config, []
+
+    def empty_cache(self, batch_size):
+        return self.model.empty_cache(batch_size)
+
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
+        self.fed.append(tuple(input_ids.shape))
+        return self.model(input_ids, position_ids, attn_mask, cache)
+
+
+def test_uses_kv_cache_never_recomputes_prefix():
+    model = CountingModel(tiny_gpt(12, seed=5))
+    prompt = torch.tensor([[4, 7, 2, 3], [1, 2, 3, 4]])
+    beam_search(model, prompt, num_beams=4, num_beam_groups=2, diversity_penalty=0.5, max_new_tokens=5)
+    assert model.fed == [(2, 4)] + [(8, 1)] * 4  # prompt once per prompt, then one token per beam
+
+
+def test_metrics():
+    assert edit_distance("kitten", "sitting") == 3 and edit_distance([], [1, 2]) == 2
+    hyps = [[1, 2, 3], [1, 2, 4], [5, 6, 7]]
+    assert distinct_n(hyps, 1) == 7 / 9 and distinct_n(hyps, 2) == 5 / 6 and distinct_n(hyps, 4) == 0.0
+    assert mean_pairwise_edit_distance(hyps) == (1 + 3 + 3) / 3
+    model = tiny_gpt(12, seed=6)
+    seqs = torch.tensor([[4, 7, 2, 9, 1, 0], [4, 7, 2, 5, 6, 8]])
+    got = mean_logprob_per_token(model, seqs, 3, eos_token_id=1)
+    with torch.no_grad():  # one uncached forward per prefix
+        lp = [[float(torch.log_softmax(model(s[None, :i]).float()[0, -1], -1)[s[i]]) for i in range(3, 6)]
+              for s in seqs]
+    want = torch.tensor([sum(lp[0][:2]) / 2, sum(lp[1]) / 3])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(num_beams=0), "num_beams"),
+    (dict(num_beams=4, num_beam_groups=3), "num_beam_groups"),
+    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=-1.0), "diversity_penalty"),
+    (dict(num_beams=4, diversity_penalty=0.5), "diversity_penalty"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(num_beams=2, max_new_tokens=0), "max_new_tokens"),
+    (dict(num_beams=2, max_new_tokens=40), "max_new_tokens"),
+    (dict(num_beams=2, eos_token_id=12), "eos_token_id"),
+    (dict(num_beams=2, pad_token_id=-1), "pad_token_id"),
+    (dict(num_beams=2, early_stopping="always"), "early_stopping"),
+])
+def test_bad_input(kwargs, name):
+    model = tiny_gpt(12)
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        beam_search(model, torch.tensor([[1, 2, 3]]), **kwargs)
+
+
+def test_bad_prompts():
+    model = tiny_gpt(12)
+    ragged = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    with pytest.raises(ValueError, match="attention_mask"):  # right padding is not left padding
+        beam_search(model, ragged, num_beams=2, max_new_tokens=3, attention_mask=torch.tensor([[1, 1, 0],
+                                                                                                [1, 1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        greedy_search(model, ragged, max_new_tokens=3, attention_mask=torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids"):
+        greedy_search(model, torch.tensor([[1, 12]]), max_new_tokens=3)
+    with pytest.raises(ValueError, match="input_ids"):
+        beam_search(model, [[1, 2]], num_beams=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match="different lengths"):
+        beam_search(model, [[1, 2], [3]], num_beams=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match="attention_mask"):  # padded but no mask
+        beam_search(model, torch.tensor([[0, 0, 2], [3, 4, 5]]), num_beams=2, max_new_tokens=3, pad_token_id=0)
+    with pytest.raises(ValueError, match="n must be"):
+        distinct_n([[1]], 0)
+    assert isinstance(beam_search(model, ragged, num_beams=2, max_new_tokens=2), BeamOutput)
