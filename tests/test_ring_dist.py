@@ -83,6 +83,47 @@ def _worker(rank, world, port, outdir):
     os._exit(0)  # the process group is broken now: skip its teardown
 
 
+def _dying_worker(rank, world, port, outdir):
+    from refimpl.ring_dist import ring_attention_dist, shard
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=30))
+    q, k, v, _ = full_tensors()
+    local = [shard(x, "contiguous") for x in (q, k, v)]
+    dist.barrier()
+    if rank == world - 1:
+        os._exit(0)  # a rank that dies just before the ring starts
+    start = time.perf_counter()
+    try:
+        ring_attention_dist(*local, timeout=timedelta(seconds=DEAD_TIMEOUT_S))
+        died = {"error": None}
+    except RuntimeError as err:
+        died = {"error": str(err)[:300]}
+    died["seconds"] = time.perf_counter() - start
+    torch.save(died, Path(outdir) / f"died{rank}.pt")
+    os._exit(0)
+
+
+def run_workers(worker, world, outdir, limit_s=90):
+    """Spawn ``world`` gloo processes with one thread each; fail (never hang) after ``limit_s``."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        ctx = mp.start_processes(worker, args=(world, free_port(), str(outdir)), nprocs=world,
+                                 join=False, start_method="spawn")
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    deadline = time.time() + limit_s
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the gloo workers did not finish within {limit_s} s")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,22 +133,7 @@ def free_port():
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("ring_dist")
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        ctx = mp.start_processes(_worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
-    deadline = time.time() + 90
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the gloo workers did not finish within 90 s")
+    run_workers(_worker, WORLD, outdir)
     return ([torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)],
             [torch.load(outdir / f"dead{r}.pt") for r in range(WORLD - 1)])
 
@@ -153,3 +179,10 @@ def test_silent_peer_gives_an_error_not_a_hang(ranks):
     for dead in ranks[1]:
         assert dead["error"] is not None, "a rank finished a ring whose last member never answered"
         assert dead["seconds"] < 3 * DEAD_TIMEOUT_S
+
+
+def test_dead_rank_gives_an_error_not_a_hang(tmp_path):
+    run_workers(_dying_worker, 2, tmp_path, limit_s=60)
+    died = torch.load(tmp_path / "died0.pt")
+    assert died["error"] is not None, "a rank finished a ring whose peer had died"
+    assert died["seconds"] < 3 * DEAD_TIMEOUT_S
