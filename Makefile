@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 NB_THREADS := 2
 
-.PHONY: setup test book lab notebooks bench clean
+.PHONY: setup test book site-test lab notebooks bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ book: setup
 	$(VENV)/bin/jupyter-book build notebooks --config $(CURDIR)/book.yml --toc $(CURDIR)/notebooks/_toc.yml \
 		--path-output $(CURDIR) -W --keep-going
 	@echo "Open _build/html/index.html"
+
+# Open every page of the built book in headless Chromium, offline (installs Debian's chromium if
+# missing); fails on console errors, missing images, unrendered math or chapter pages without
+# headings; screenshots go to _build/screenshots/.
+site-test: book
+	$(PY) site/site_test.py _build/html
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
