@@ -147,6 +147,22 @@ def visible_pairs(offset: int, tq: int, tk: int) -> int:
     return int(torch.arange(offset + 1, offset + 1 + tq).clamp(0, tk).sum())
 
 
+def visible_tiles(q_segs, k_segs, causal):
+    """Yield (a, b, rows, cols, offset, n) for every pair (query segment a, key segment b) with
+    a visible key: rows and cols slice the local shards, offset is the pair's causal offset
+    (None without causal), n the number of visible (query, key) pairs."""
+    qi = 0
+    for a, qs in enumerate(q_segs):
+        ki = 0
+        for b, ks in enumerate(k_segs):
+            offset = pair_offset(qs, ks) if causal else None
+            n = visible_pairs(offset, qs.length, ks.length) if causal else qs.length * ks.length
+            if n:
+                yield a, b, slice(qi, qi + qs.length), slice(ki, ki + ks.length), offset, n
+            ki += ks.length
+        qi += qs.length
+
+
 def attend_shard(q, k, v, q_segs, k_segs, *, causal, sm_scale, block_fn=block_attention):
     """One device, one ring step: its query shard against the visiting key/value shard.
 
@@ -157,25 +173,15 @@ def attend_shard(q, k, v, q_segs, k_segs, *, causal, sm_scale, block_fn=block_at
     """
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
-    work, tiles, qi = 0, [], 0
-    for a, qs in enumerate(q_segs):
-        rows = slice(qi, qi + qs.length)
-        ki = 0
-        for b, ks in enumerate(k_segs):
-            cols = slice(ki, ki + ks.length)
-            ki += ks.length
-            offset = pair_offset(qs, ks) if causal else None
-            n = visible_pairs(offset, qs.length, ks.length) if causal else qs.length * ks.length
-            if n == 0:
-                continue
-            if offset is not None and offset >= ks.length - 1:
-                offset = None  # every key visible to every query: no mask needed
-            o, l = block_fn(q[..., rows, :], k[..., cols, :], v[..., cols, :],
-                            sm_scale=sm_scale, causal_offset=offset)
-            out[..., rows, :], lse[..., rows] = merge_partials(out[..., rows, :], lse[..., rows], o, l)
-            work += n
-            tiles.append((a, b, n))
-        qi += qs.length
+    work, tiles = 0, []
+    for a, b, rows, cols, offset, n in visible_tiles(q_segs, k_segs, causal):
+        if offset is not None and offset >= k_segs[b].length - 1:
+            offset = None  # every key visible to every query: no mask needed
+        o, l = block_fn(q[..., rows, :], k[..., cols, :], v[..., cols, :],
+                        sm_scale=sm_scale, causal_offset=offset)
+        out[..., rows, :], lse[..., rows] = merge_partials(out[..., rows, :], lse[..., rows], o, l)
+        work += n
+        tiles.append((a, b, n))
     return out, lse, work, tiles
 
 
@@ -314,25 +320,16 @@ def ring_backward(shards, outs, lses, douts, segs, *, causal, sm_scale, trace):
         for r, (q, _, _) in enumerate(shards):
             k, v, dk, dv, src = travel[r]
             mem[r].transient(2 * _score_bytes("torch", segs[r], segs[src], q))
-            w, qi = 0, 0
-            for qs in segs[r]:
-                ki = 0
-                for ks in segs[src]:
-                    rows, cols = slice(qi, qi + qs.length), slice(ki, ki + ks.length)
-                    ki += ks.length
-                    offset = pair_offset(qs, ks) if causal else None
-                    n = visible_pairs(offset, qs.length, ks.length) if causal else qs.length * ks.length
-                    if n == 0:
-                        continue
-                    g = block_attention_backward(q[..., rows, :], k[..., cols, :], v[..., cols, :],
-                                                 douts[r][..., rows, :], lses[r][..., rows],
-                                                 deltas[r][..., rows], sm_scale=sm_scale,
-                                                 causal_offset=offset)
-                    dqs[r][..., rows, :] += g[0]
-                    dk[..., cols, :] += g[1]
-                    dv[..., cols, :] += g[2]
-                    w += n
-                qi += qs.length
+            w = 0
+            for _, _, rows, cols, offset, n in visible_tiles(segs[r], segs[src], causal):
+                g = block_attention_backward(q[..., rows, :], k[..., cols, :], v[..., cols, :],
+                                             douts[r][..., rows, :], lses[r][..., rows],
+                                             deltas[r][..., rows], sm_scale=sm_scale,
+                                             causal_offset=offset)
+                dqs[r][..., rows, :] += g[0]
+                dk[..., cols, :] += g[1]
+                dv[..., cols, :] += g[2]
+                w += n
             work.append(w), holds.append(src)
         trace.work["backward"].append(work)
         trace.holds["backward"].append(holds)

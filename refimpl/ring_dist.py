@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from refimpl.ring import (attend_shard, block_attention, block_attention_backward,
-                          merge_partials, pair_offset, shard_segments, positions_of,
-                          visible_pairs, LAYOUTS)
+                          merge_partials, shard_segments, positions_of, visible_tiles,
+                          LAYOUTS)
 
 DEFAULT_TIMEOUT = timedelta(seconds=60)
 
@@ -104,22 +104,13 @@ def ring_backward_dist(q, k, v, out, lse, dout, segs, *, causal, sm_scale, group
         src = (rank - t) % size
         if t < size - 1:
             kv_works, kv_in = _post_exchange(kv, group, stats)
-        qi = 0
-        for qs in segs[rank]:
-            ki = 0
-            for ks in segs[src]:
-                rows, cols = slice(qi, qi + qs.length), slice(ki, ki + ks.length)
-                ki += ks.length
-                offset = pair_offset(qs, ks) if causal else None
-                if causal and visible_pairs(offset, qs.length, ks.length) == 0:
-                    continue
-                g = block_attention_backward(q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :],
-                                             dout[..., rows, :], lse[..., rows], delta[..., rows],
-                                             sm_scale=sm_scale, causal_offset=offset)
-                dq[..., rows, :] += g[0]
-                dkv[0][..., cols, :] += g[1]
-                dkv[1][..., cols, :] += g[2]
-            qi += qs.length
+        for _, _, rows, cols, offset, _ in visible_tiles(segs[rank], segs[src], causal):
+            g = block_attention_backward(q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :],
+                                         dout[..., rows, :], lse[..., rows], delta[..., rows],
+                                         sm_scale=sm_scale, causal_offset=offset)
+            dq[..., rows, :] += g[0]
+            dkv[0][..., cols, :] += g[1]
+            dkv[1][..., cols, :] += g[2]
         if size > 1:  # dK, dV follow their K, V one hop behind; the last hop takes them home
             dkv_works, dkv_in = _post_exchange(dkv, group, stats)
             _wait(dkv_works, timeout)
