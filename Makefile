@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 NB_THREADS := 2
 
-.PHONY: setup test book site-test lab notebooks bench clean
+.PHONY: setup test book site-test lab notebooks bench pointer-checkpoints clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,27 @@ notebooks: setup
 
 bench: setup
 	$(PY) -m refimpl.bench all
+
+# Chapter 1's checkpoints and experiment records (refimpl/assets/pointer/), one CPU thread each;
+# the exact commands that made the committed files. About 2 h of CPU in all.
+PTR := $(PY) -m refimpl.pointer train
+pointer-checkpoints: setup
+	$(PTR) --task tsp --n 5 --steps 8000 --pool-size 100000 --eval-every 500 --beam 1 3 --name tsp5
+	$(PTR) --task tsp --n 10 --steps 25000 --pool-size 200000 --eval-every 1000 --beam 1 3 10 --name tsp10
+	$(PTR) --task tsp --n 5 --n-max 10 --steps 20000 --pool-size 50000 --eval-every 1000 --beam 1 3 --test-n 10 20 --test-instances 200 --name tsp5-10
+	$(PTR) --task hull --n 10 --steps 12000 --eval-every 1000 --beam 1 3 --name hull10
+	for n in 5 10 15; do \
+	  $(PTR) --task sort --n $$n --steps 2500 --mask-chosen false --encoder lstm --no-save --name sort$${n}_lstm; \
+	  for p in 0 1 5 10; do \
+	    $(PTR) --task sort --n $$n --steps 2500 --mask-chosen false --encoder rpw --process-steps $$p --no-save --name sort$${n}_rpw$$p; \
+	  done; \
+	done
+	$(PTR) --task sort --n 10 --steps 10000 --eval-every 1000 --mask-chosen false --encoder rpw --process-steps 5 --name sort10_rpw5_10k
+	$(PTR) --task sort --n 10 --steps 10000 --eval-every 1000 --mask-chosen false --encoder lstm --name sort10_lstm_10k
+	$(PTR) --task sort --n 10 --steps 2500 --mask-chosen true --name sort10_lstm_masked
+	$(PTR) --task hull --n 10 --steps 5000 --input-order random --no-save --name order_input_random
+	$(PTR) --task hull --n 10 --steps 5000 --input-order angle --no-save --name order_input_angle
+	$(PTR) --task hull --n 10 --steps 5000 --output-order random --no-save --name order_output_random
 
 clean:
 	rm -rf _build

@@ -164,8 +164,9 @@ class HFCausalLM(nn.Module):
                 raise ValueError("attn_mask lets a query see a later key, which GPT-2's eager attention "
                                  "would silently forbid; load the model with attn_implementation='sdpa'")
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
-        """Logits [B, T, V] for ``input_ids`` [B, T] after the tokens already in ``cache``."""
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, last_only=False):
+        """Logits [B, T, V] for ``input_ids`` [B, T] after the tokens already in ``cache``
+        ([B, 1, V], the last position only, with ``last_only``: HF's ``logits_to_keep=1``)."""
         if cache is not None and not isinstance(cache, HFCache):
             raise TypeError(f"cache must come from empty_cache(), got {type(cache).__name__}")
         B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
@@ -181,6 +182,7 @@ class HFCausalLM(nn.Module):
         # packed-sequence mask (masking_utils._preprocess_mask_arguments).
         dynamic = DynamicCache() if cache is None else cache.dynamic
         out = self.hf(input_ids=input_ids, position_ids=position_ids, attention_mask=attn_mask,
-                      past_key_values=dynamic, use_cache=True, return_dict=True)
+                      past_key_values=dynamic, use_cache=True, return_dict=True,
+                      logits_to_keep=1 if last_only else 0)
         return out.logits
 

@@ -293,7 +293,8 @@ class TinyGPT(nn.Module):
         return KVCache(c.n_layer, batch_size, c.n_head, c.head_dim, c.block_size,
                        self.tok_emb.weight.device)
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, last_only=False):
+        """Logits [B, T, V] (or [B, 1, V] for the last position only, with ``last_only``)."""
         B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
                                         self.config.block_size)
         if position_ids is None:
@@ -303,7 +304,7 @@ class TinyGPT(nn.Module):
             x = block(x, attn_mask, cache, layer, self.attn_backend)
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(x[:, -1:] if last_only else x))
 
 
 def save(model: TinyGPT, path: Path, **record) -> None:

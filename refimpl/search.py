@@ -104,7 +104,8 @@ class Stepper:
 
     def prompt(self) -> torch.Tensor:
         """Encode the prompts; return the next-token logits [N, V] in fp32."""
-        return self.model(self.input_ids, self.positions, self.prompt_mask, self.cache)[:, -1].float()
+        return self.model(self.input_ids, self.positions, self.prompt_mask, self.cache,
+                          last_only=True)[:, -1].float()
 
     def repeat(self, times: int) -> None:
         """Give every prompt ``times`` identical cache rows (its beams), rows of a prompt adjacent."""

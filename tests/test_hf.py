@@ -70,6 +70,9 @@ def test_logits_match_hf_without_and_with_cache(pair):
         steps.append(model(x[:, t:t + 1], cache=cache))
         assert len(cache) == t + 1
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+    last = model(x, cache=model.empty_cache(2), last_only=True)  # HF's logits_to_keep=1
+    assert last.shape == (2, 1, V)
+    torch.testing.assert_close(last, full[:, -1:], atol=ATOL, rtol=0)
 
 
 @torch.no_grad()

@@ -75,6 +75,15 @@ def test_incremental_decoding_equals_full_forward(model):
 
 
 @torch.no_grad()
+def test_last_only_is_the_last_position_of_the_full_logits(model):
+    x = ids(2, 9)
+    cache = model.empty_cache(2)
+    got = model(x, cache=cache, last_only=True)
+    assert got.shape == (2, 1, model.config.vocab_size) and len(cache) == 9
+    torch.testing.assert_close(got, model(x)[:, -1:], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_crop_rolls_back_exactly(model):
     x, other = ids(2, 20), ids(2, 6, seed=2)
     cache = model.empty_cache(2)

@@ -239,9 +239,9 @@ class CountingModel(torch.nn.Module):
     def empty_cache(self, batch_size):
         return self.model.empty_cache(batch_size)
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, last_only=False):
         self.fed.append(tuple(input_ids.shape))
-        return self.model(input_ids, position_ids, attn_mask, cache)
+        return self.model(input_ids, position_ids, attn_mask, cache, last_only)
 
 
 def test_uses_kv_cache_never_recomputes_prefix():

@@ -1,0 +1,645 @@
+"""Pointer Networks and the Read-Process-Write set encoder, with exact labels for their tasks.
+
+Vinyals, Fortunato, Jaitly, "Pointer Networks" (2015): an LSTM encoder reads the points, an LSTM
+decoder emits one input position per step, and the output distribution is the additive
+attention itself (eq. 3):  u_j = v^T tanh(W1 e_j + W2 d_i),  p(C_i | C_<i, P) = softmax(u).
+Vinyals, Bengio, Kudlur, "Order Matters" (2015), section 4: the read-process-write encoder
+embeds each element on its own (read), runs P steps of attention with an LSTM that has no input
+(process, eq. 3-7), and hands the order-invariant state q*_P to the pointer decoder (write).
+
+Tasks (data generated on the fly from a seed): ``sort`` (N uniform floats), ``hull`` (planar
+convex hull, counter-clockwise from the lowest index, then a stop token), ``tsp`` (optimal tour
+by Held-Karp, from city 0, direction with tour[1] < tour[-1]).
+Train a checkpoint: ``python -m refimpl.pointer train --task tsp --n 10``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+TASKS = ("sort", "hull", "tsp")
+ASSETS = Path(__file__).parent / "assets" / "pointer"
+MAX_HELD_KARP_N = 12
+TEST_SEED = 20_000  # evaluation instances; training pools use seeds below 10_000
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def check_points(points, *, dim: int = 2, min_n: int = 3, name: str = "points") -> torch.Tensor:
+    """Return ``points`` as a float tensor [B, n, dim], or raise a ValueError naming it."""
+    points = torch.as_tensor(points)
+    if points.dim() != 3 or points.shape[-1] != dim:
+        raise ValueError(f"{name} must be shaped [B, n, {dim}], got {tuple(points.shape)}")
+    if not points.is_floating_point():
+        points = points.float()
+    if points.shape[1] < min_n:
+        raise ValueError(f"{name} needs n >= {min_n} points per instance, got n={points.shape[1]}")
+    if not torch.isfinite(points).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return points
+
+
+# ----------------------------------------------------------------------------- TSP: exact labels
+
+def tour_length(points: torch.Tensor, tour: torch.Tensor) -> torch.Tensor:
+    """Length of each closed tour [B] (the edge back to the start included)."""
+    ordered = points.gather(1, tour.long()[..., None].expand(-1, -1, points.shape[-1]))
+    return (ordered - ordered.roll(-1, dims=1)).norm(dim=-1).sum(-1)
+
+
+def canonical_tour(tour: torch.Tensor) -> torch.Tensor:
+    """Rotate each tour [B, n] to start at city 0 and orient it so that tour[1] < tour[-1]."""
+    start = (tour == 0).long().argmax(1, keepdim=True)
+    n = tour.shape[1]
+    rotated = tour.gather(1, (start + torch.arange(n)) % n)
+    flip = rotated[:, 1] > rotated[:, -1]
+    rotated[flip, 1:] = rotated[flip, 1:].flip(1)
+    return rotated
+
+
+def held_karp(points, max_n: int = MAX_HELD_KARP_N) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimal closed tours by the Held-Karp dynamic program, vectorised over the batch.
+
+    dp[S, j] = shortest path from city 0 through the set S of other cities, ending at j in S:
+    dp[S, j] = min_{i in S - j} dp[S - j, i] + d(i, j), filled one subset size at a time.
+    Takes [n, 2] or [B, n, 2]; returns (length [B], tour [B, n]) in canonical form.
+    Time and memory grow as 2^n n^2, hence ``max_n`` (raise it knowingly: n=20 takes ~2 s
+    and ~0.3 GB per instance).
+    """
+    points = torch.as_tensor(points)
+    if points.dim() == 2:
+        points = points[None]
+    points = check_points(points).double()
+    B, n, _ = points.shape
+    if n > max_n:
+        raise ValueError(f"points has n={n}; Held-Karp needs 2^(n-1)*(n-1) table entries per "
+                         f"instance ({2 ** (n - 1) * (n - 1):,} here) and (n-1)^2 times as many "
+                         f"operations, so it is limited to n <= max_n={max_n}; pass a larger "
+                         f"max_n to run it anyway")
+    d = torch.cdist(points, points)
+    m = n - 1  # cities 1..n-1 are bits 0..m-1
+    full = 1 << m
+    bit = 1 << torch.arange(m)
+    masks = torch.arange(full)
+    size = ((masks[:, None] & bit) > 0).sum(1)
+    dp = torch.full((B, full, m), math.inf, dtype=torch.float64)
+    parent = torch.zeros((B, full, m), dtype=torch.uint8)
+    dp[:, bit, torch.arange(m)] = d[:, 0, 1:]
+    cost = d[:, 1:, 1:]  # cost[b, i, j] from city i+1 to city j+1
+    for k in range(2, m + 1):
+        S = masks[size == k]
+        prev = S[:, None] ^ bit  # S - {j}, meaningful where j is in S
+        cand = dp[:, prev, :] + cost.transpose(1, 2)[:, None]  # [B, |S|, j, i]
+        best, arg = cand.min(-1)
+        inside = (S[:, None] & bit) > 0
+        dp[:, S] = best.masked_fill(~inside, math.inf)
+        parent[:, S] = arg.to(torch.uint8)
+    length, last = (dp[:, full - 1] + d[:, 1:, 0]).min(-1)
+    tour = torch.zeros(B, n, dtype=torch.long)
+    S = torch.full((B,), full - 1)
+    j = last
+    rows = torch.arange(B)
+    for pos in range(n - 1, 0, -1):
+        tour[:, pos] = j + 1
+        i = parent[rows, S, j].long()
+        S = S ^ (1 << j)
+        j = i
+    return length.float(), canonical_tour(tour)
+
+
+# ----------------------------------------------------------------------------- convex hull
+
+def _cross(o, a, b) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def convex_hull(points) -> torch.Tensor | list[torch.Tensor]:
+    """Hull vertices by Andrew's monotone chain: counter-clockwise, from the lowest index.
+
+    Takes [n, 2] (returns a LongTensor) or [B, n, 2] (returns a list of B of them).
+    Collinear boundary points are not vertices.
+    """
+    points = torch.as_tensor(points)
+    single = points.dim() == 2
+    pts = check_points(points[None] if single else points).double().numpy()
+    hulls = []
+    for p in pts:
+        order = np.lexsort((p[:, 1], p[:, 0]))
+        chain = []
+        for sweep in (order, order[::-1]):  # lower hull, then upper hull
+            part = []
+            for i in sweep:
+                while len(part) >= 2 and _cross(p[part[-2]], p[part[-1]], p[i]) <= 0:
+                    part.pop()
+                part.append(int(i))
+            chain += part[:-1]
+        start = chain.index(min(chain))
+        hulls.append(torch.tensor(chain[start:] + chain[:start]))
+    return hulls[0] if single else hulls
+
+
+def polygon_area(points: torch.Tensor, polygon) -> float:
+    """Shoelace area of the polygon visiting ``points[polygon]`` in order (absolute value)."""
+    p = points[torch.as_tensor(polygon).long()].double()
+    return 0.5 * abs(float((p[:, 0] * p[:, 1].roll(-1) - p[:, 1] * p[:, 0].roll(-1)).sum()))
+
+
+def _segments_cross(a, b, c, d) -> bool:
+    """Whether segments ab and cd intersect at a point other than a shared endpoint."""
+    d1, d2 = _cross(c, d, a), _cross(c, d, b)
+    d3, d4 = _cross(a, b, c), _cross(a, b, d)
+    return (d1 > 0) != (d2 > 0) and (d3 > 0) != (d4 > 0)
+
+
+def edge_crosses(points, path, new) -> bool:
+    """Whether the edge path[-1] -> new crosses an earlier, non-adjacent edge of ``path``."""
+    a, b = points[path[-1]], points[new]
+    for s in range(len(path) - 2):
+        if path[s + 1] == new or path[s] == new:
+            continue
+        if _segments_cross(a, b, points[path[s]], points[path[s + 1]]):
+            return True
+    return False
+
+
+def is_simple_polygon(points, polygon) -> bool:
+    """A closed polygon is simple: >= 3 distinct vertices and no two non-adjacent edges cross."""
+    polygon = [int(i) for i in polygon]
+    if len(polygon) < 3 or len(set(polygon)) != len(polygon):
+        return False
+    points = torch.as_tensor(points).double().tolist()
+    m = len(polygon)
+    for s in range(m):
+        for t in range(s + 2, m):
+            if s == 0 and t == m - 1:
+                continue  # adjacent through the closing edge
+            a, b = points[polygon[s]], points[polygon[(s + 1) % m]]
+            c, d = points[polygon[t]], points[polygon[(t + 1) % m]]
+            if _segments_cross(a, b, c, d):
+                return False
+    return True
+
+
+# ----------------------------------------------------------------------------- datasets
+
+STOP = 0  # hull targets point at slot 0 (a learned stop vector); point j sits at slot j + 1
+IGNORE = -100
+
+
+def angle_order(points: torch.Tensor) -> torch.Tensor:
+    """Permutation [B, n] sorting each instance's points by angle around their centroid."""
+    centred = points - points.mean(1, keepdim=True)
+    return torch.atan2(centred[..., 1], centred[..., 0]).argsort(1)
+
+
+def make_batch(task: str, n: int, batch_size: int, generator: torch.Generator,
+               input_order: str = "random", output_order: str = "canonical"):
+    """One batch of (inputs [B, n, d], targets [B, T]) drawn from ``generator``.
+
+    TSP labels come from Held-Karp here; training uses ``TSPPool`` to pay for them once.
+    ``input_order='angle'`` feeds hull points sorted by angle; ``output_order='random'``
+    shuffles each hull's vertices (Order Matters, section 5).
+    """
+    if task == "sort":
+        x = torch.rand(batch_size, n, 1, generator=generator)
+        return x, x[..., 0].argsort(1)
+    points = torch.rand(batch_size, n, 2, generator=generator)
+    if task == "tsp":
+        return points, held_karp(points)[1]
+    if task != "hull":
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if input_order == "angle":
+        points = points.gather(1, angle_order(points)[..., None].expand(-1, -1, 2))
+    hulls = convex_hull(points)
+    targets = torch.full((batch_size, n + 1), IGNORE)
+    for b, h in enumerate(hulls):
+        if output_order == "random":
+            h = h[torch.randperm(len(h), generator=generator)]
+        targets[b, :len(h)] = h + 1
+        targets[b, len(h)] = STOP
+    return points, targets[:, :max(len(h) for h in hulls) + 1]
+
+
+class TSPPool:
+    """A pool of instances labelled once by Held-Karp, re-used under exact symmetries.
+
+    Relabelling the cities and applying one of the 8 symmetries of the unit square keeps a
+    tour optimal, so each draw is a fresh, exactly labelled instance.
+    """
+
+    def __init__(self, n: int, size: int, seed: int, chunk: int = 2048, progress: bool = True):
+        g = torch.Generator().manual_seed(seed)
+        self.points = torch.rand(size, n, 2, generator=g)
+        self.tours = torch.cat([held_karp(self.points[i:i + chunk])[1] for i in
+                                tqdm(range(0, size, chunk), desc=f"Held-Karp n={n}",
+                                     disable=not progress)])
+
+    def sample(self, batch_size: int, generator: torch.Generator):
+        size, n, _ = self.points.shape
+        idx = torch.randint(size, (batch_size,), generator=generator)
+        points, tours = self.points[idx].clone(), self.tours[idx]
+        flip = torch.rand(batch_size, 2, generator=generator) < 0.5
+        points = torch.where(flip[:, None], 1 - points, points)
+        swap = torch.rand(batch_size, generator=generator) < 0.5
+        points[swap] = points[swap].flip(-1)
+        perm = torch.rand(batch_size, n, generator=generator).argsort(1)  # new slot -> old city
+        inverse = perm.argsort(1)
+        return points.gather(1, perm[..., None].expand(-1, -1, 2)), \
+            canonical_tour(inverse.gather(1, tours))
+
+
+# ----------------------------------------------------------------------------- the model
+
+@dataclass
+class PointerConfig:
+    task: str = "tsp"
+    hidden: int = 128
+    encoder: str = "lstm"  # "lstm" (Pointer Networks) or "rpw" (read-process-write)
+    process_steps: int = 5  # P, for the rpw encoder
+    mask_chosen: bool = True  # forbid re-pointing at an input already chosen
+
+    @property
+    def input_dim(self) -> int:
+        return 1 if self.task == "sort" else 2
+
+
+def pointer_log_probs(keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax_j(u_j), u_j = v^T tanh(keys_j + query) (Pointer Networks, eq. 3).
+
+    keys [..., n, H] (= W1 e_j), query [..., H] (= W2 d_i), v [H]; mask [..., n] is True
+    where a position may not be chosen (its log-probability is -inf).
+    """
+    u = torch.tanh(keys + query[..., None, :]) @ v
+    if mask is not None:
+        u = u.masked_fill(mask, -math.inf)
+    return torch.log_softmax(u, dim=-1)
+
+
+class PointerNet(nn.Module):
+    """Ptr-Net (Vinyals et al. 2015) with an LSTM or a read-process-write (Order Matters) encoder."""
+
+    def __init__(self, config: PointerConfig):
+        super().__init__()
+        if config.task not in TASKS:
+            raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+        if config.encoder not in ("lstm", "rpw"):
+            raise ValueError(f"config.encoder must be 'lstm' or 'rpw', got {config.encoder!r}")
+        self.config = config
+        H = config.hidden
+        self.read = nn.Sequential(nn.Linear(config.input_dim, H), nn.ReLU(), nn.Linear(H, H))
+        if config.encoder == "lstm":
+            self.encoder = nn.LSTM(H, H, batch_first=True)
+        else:
+            self.process = nn.LSTMCell(2 * H, H)
+            self.init_h = nn.Linear(2 * H, H)
+        self.decoder = nn.LSTM(H, H, batch_first=True)
+        self.start = nn.Parameter(torch.zeros(H).uniform_(-0.1, 0.1))  # first decoder input
+        self.stop = nn.Parameter(torch.zeros(H).uniform_(-0.1, 0.1))  # hull's "done" slot
+        self.W1 = nn.Linear(H, H, bias=False)
+        self.W2 = nn.Linear(H, H)
+        self.v = nn.Parameter(torch.zeros(H).uniform_(-1 / math.sqrt(H), 1 / math.sqrt(H)))
+
+    @property
+    def has_stop(self) -> bool:
+        return self.config.task == "hull"
+
+    def encode(self, x: torch.Tensor):
+        """Return (keys [B, slots, H], decoder inputs per slot [B, slots, H], (h0, c0))."""
+        m = self.read(x)  # [B, n, H]
+        if self.config.encoder == "lstm":
+            memory, state = self.encoder(m)
+        else:
+            memory, state = m, self.process_set(m)
+        if self.has_stop:
+            stop = self.stop.expand(x.shape[0], 1, -1)
+            memory, m = torch.cat([stop, memory], 1), torch.cat([stop, m], 1)
+        return self.W1(memory), m, state
+
+    def process_set(self, m: torch.Tensor):
+        """Order Matters eq. 3-7: q_t = LSTM(q*_{t-1}); a = softmax(m . q_t); q*_t = [q_t, r_t]."""
+        B, _, H = m.shape
+        h = c = m.new_zeros(B, H)
+        q_star = m.new_zeros(B, 2 * H)
+        for _ in range(self.config.process_steps):
+            h, c = self.process(q_star, (h, c))
+            a = torch.softmax(m @ h[..., None], dim=1)  # [B, n, 1]
+            q_star = torch.cat([h, (a * m).sum(1)], -1)
+        return torch.tanh(self.init_h(q_star))[None], c[None]
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: log-probs [B, T, slots] of every step given the true prefix."""
+        keys, inputs, state = self.encode(x)
+        B, T = targets.shape
+        prev = targets[:, :-1].clamp(min=0)
+        dec_in = torch.cat([self.start.expand(B, 1, -1),
+                            inputs.gather(1, prev[..., None].expand(-1, -1, inputs.shape[-1]))], 1)
+        d, _ = self.decoder(dec_in, state)
+        mask = None
+        if self.config.mask_chosen:
+            chosen = F.one_hot(prev, keys.shape[1]).cumsum(1).bool()
+            chosen &= (targets[:, :-1] >= 0)[..., None].cummin(1).values  # none after padding
+            mask = torch.cat([chosen.new_zeros(B, 1, keys.shape[1]), chosen], 1)
+            if self.has_stop:
+                mask[..., STOP] = False
+        return pointer_log_probs(keys[:, None], self.W2(d), self.v, mask)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logp = self(x, targets)
+        return F.nll_loss(logp.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@torch.no_grad()
+def solve(model: PointerNet, points, beam_size: int = 1) -> list[torch.Tensor]:
+    """Decode each instance; beam_size=1 is greedy. Returns one LongTensor of indices each.
+
+    The beam keeps only valid outputs: with ``mask_chosen`` every input at most once (a
+    permutation for sort and TSP); for hulls a simple closed polygon of >= 3 vertices (no
+    new edge may cross an earlier one; the stop token closes the polygon).
+    """
+    if not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size must be an integer >= 1, got {beam_size!r}")
+    cfg = model.config
+    x = check_points(points, dim=cfg.input_dim, min_n=1 if cfg.task == "sort" else 3)
+    model.eval()
+    return [_beam_one(model, x[b:b + 1], beam_size) for b in range(x.shape[0])]
+
+
+def _beam_one(model: PointerNet, x: torch.Tensor, K: int) -> torch.Tensor:
+    """Beam search for one instance, hypotheses batched; score = sum of log-probs."""
+    cfg, n = model.config, x.shape[1]
+    keys, inputs, (h, c) = model.encode(x)
+    off = 1 if model.has_stop else 0
+    pts = x[0].double().tolist()
+    paths, scores = [[]], torch.zeros(1)
+    dec_in = model.start.expand(1, 1, -1)
+    finished = []  # (score, path) of hulls closed by the stop token
+    for step in range(n + off):
+        d, (h, c) = model.decoder(dec_in, (h, c))
+        chosen = torch.zeros(len(paths), keys.shape[1], dtype=torch.bool)
+        if cfg.mask_chosen:  # part of the model's distribution, as in training
+            for r, path in enumerate(paths):
+                chosen[r, [i + off for i in path]] = True
+        logp = pointer_log_probs(keys.expand(len(paths), -1, -1), model.W2(d[:, 0]), model.v, chosen)
+        allowed = ~chosen
+        if model.has_stop:  # validity of the polygon: a constraint on the beam only
+            for r, path in enumerate(paths):
+                allowed[r, STOP] = len(path) >= 3 and not edge_crosses(pts, path, path[0])
+                for j in range(n):
+                    if path and allowed[r, j + 1] and edge_crosses(pts, path, j):
+                        allowed[r, j + 1] = False
+        total = (scores[:, None] + logp).masked_fill(~allowed, -math.inf)
+        top = total.flatten().topk(min(2 * K, int(allowed.sum())))
+        new_paths, new_scores, rows = [], [], []
+        for s, flat in zip(top.values.tolist(), top.indices.tolist()):
+            r, slot = divmod(flat, logp.shape[1])
+            if model.has_stop and slot == STOP:
+                finished.append((s, paths[r]))
+                continue
+            if len(new_paths) < K:
+                new_paths.append(paths[r] + [slot - off])
+                new_scores.append(s)
+                rows.append(r)
+        best_finished = max((f[0] for f in finished), default=-math.inf)
+        if not new_paths or max(new_scores) <= best_finished:
+            break  # log-probs are <= 0: no live hypothesis can overtake the best finished one
+        paths, scores = new_paths, torch.tensor(new_scores)
+        rows = torch.tensor(rows)
+        h, c = h[:, rows], c[:, rows]
+        dec_in = inputs[0, [p[-1] + off for p in paths]][:, None]
+    if model.has_stop:
+        if not finished:
+            return torch.tensor(paths[0])
+        return torch.tensor(max(finished, key=lambda f: f[0])[1])
+    return torch.tensor(paths[int(scores.argmax())])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def evaluate(task: str, model: PointerNet, n: int, num_instances: int = 1000, seed: int = TEST_SEED,
+             beam_size: int = 1, optimal: torch.Tensor | None = None, **data) -> dict:
+    """Decode fresh instances (seed disjoint from training) and score them.
+
+    sort: exact-sequence accuracy. hull: exact accuracy (the true hull up to rotation), area
+    coverage (predicted area / hull area, 0 when the polygon is not simple), and vertex-set
+    accuracy. tsp: mean tour length (closing edge included), Held-Karp optimum, optimality gap;
+    pass ``optimal`` lengths for n > 12. A prediction that is not a permutation is a failure.
+    """
+    if task != model.config.task:
+        raise ValueError(f"task={task!r} but the model was trained for {model.config.task!r}")
+    g = torch.Generator().manual_seed(seed + n)
+    if task == "tsp":
+        x = torch.rand(num_instances, n, 2, generator=g)
+        targets = None
+        if optimal is None and n <= MAX_HELD_KARP_N:
+            optimal, targets = held_karp(x)
+        elif optimal is None:  # one instance at a time: the table is 2^(n-1) (n-1) per instance
+            optimal = torch.cat([held_karp(p[None], max_n=n)[0] for p in
+                                 tqdm(x, desc=f"Held-Karp n={n}", leave=False)])
+    else:
+        x, targets = make_batch(task, n, num_instances, g, **data)
+    preds = solve(model, x, beam_size)
+    out = {"task": task, "n": n, "num_instances": num_instances, "seed": seed + n,
+           "beam_size": beam_size}
+    if task == "sort":
+        out["accuracy"] = float(np.mean([len(p) == n and bool((p == t).all())
+                                         for p, t in zip(preds, targets)]))
+        return out
+    if task == "tsp":
+        valid = [sorted(p.tolist()) == list(range(n)) for p in preds]
+        lengths = torch.tensor([float(tour_length(x[b:b + 1], p[None])) if ok else math.inf
+                                for b, (p, ok) in enumerate(zip(preds, valid))])
+        out.update(valid=float(np.mean(valid)), mean_length=float(lengths.mean()),
+                   mean_optimal=float(optimal.mean()),
+                   gap=float(lengths.mean() / optimal.mean() - 1))
+        if targets is not None:
+            out["exact_accuracy"] = float(np.mean([ok and bool((canonical_tour(p[None])[0] == t).all())
+                                                   for p, t, ok in zip(preds, targets, valid)]))
+        return out
+    exact, cover, same_set = [], [], []
+    for b, p in enumerate(preds):
+        true = targets[b][targets[b] > 0] - 1
+        same_set.append(sorted(p.tolist()) == sorted(true.tolist()))
+        simple = is_simple_polygon(x[b], p)
+        cover.append(polygon_area(x[b], p) / polygon_area(x[b], true) if simple else 0.0)
+        exact.append(simple and same_set[-1] and _same_cycle(p.tolist(), true.tolist()))
+    out.update(accuracy=float(np.mean(exact)), area_coverage=float(np.mean(cover)),
+               set_accuracy=float(np.mean(same_set)),
+               failures=float(np.mean([c == 0.0 for c in cover])))
+    return out
+
+
+def _same_cycle(a: list, b: list) -> bool:
+    """Whether closed polygons a and b are the same cycle, up to rotation and direction."""
+    if len(a) != len(b) or not a:
+        return False
+    k = a.index(b[0]) if b[0] in a else -1
+    if k < 0:
+        return False
+    rot = a[k:] + a[:k]
+    return rot == b or [rot[0]] + rot[1:][::-1] == b
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class TrainConfig:
+    task: str = "tsp"
+    n: int = 10
+    n_max: int | None = None  # train on sizes n..n_max (one size per batch)
+    steps: int = 10_000
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 5e-5
+    hidden: int = 128
+    encoder: str = "lstm"
+    process_steps: int = 5
+    mask_chosen: bool = True
+    input_order: str = "random"  # hull only: "random" or "angle"
+    output_order: str = "canonical"  # hull only: "canonical" or "random"
+    pool_size: int = 100_000  # TSP: Held-Karp labelled instances per size
+    seed: int = 0
+    eval_every: int = 500
+    eval_instances: int = 500
+
+
+def _validation(task: str, model: PointerNet, n: int, cfg: TrainConfig) -> dict:
+    """Greedy metrics on held-out instances (seed 10_000, disjoint from training and test)."""
+    data = {} if task != "hull" else {"input_order": cfg.input_order}
+    r = evaluate(task, model, n, cfg.eval_instances, seed=10_000, **data)
+    model.train()
+    keys = {"tsp": ["gap"], "sort": ["accuracy"], "hull": ["accuracy", "set_accuracy", "area_coverage"]}
+    return {k: round(r[k], 4) for k in keys[task]}
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> tuple[PointerNet, dict]:
+    """Teacher-forced NLL with Adam, cosine learning-rate decay and gradient clipping at 2."""
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    sizes = list(range(cfg.n, (cfg.n_max or cfg.n) + 1))
+    model = PointerNet(PointerConfig(cfg.task, cfg.hidden, cfg.encoder, cfg.process_steps,
+                                     cfg.mask_chosen))
+    pools = {n: TSPPool(n, cfg.pool_size, seed=cfg.seed * 100 + n, progress=progress)
+             for n in sizes} if cfg.task == "tsp" else {}
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    history, start, running = [], time.time(), None
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {cfg.task}", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * step / cfg.steps))
+        n = sizes[int(torch.randint(len(sizes), (1,), generator=g))]
+        if cfg.task == "tsp":
+            x, y = pools[n].sample(cfg.batch_size, g)
+        else:
+            x, y = make_batch(cfg.task, n, cfg.batch_size, g, cfg.input_order, cfg.output_order)
+        loss = model.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val = _validation(cfg.task, model, sizes[-1], cfg)
+            history.append({"step": step, "loss": round(running, 4), **val,
+                            "seconds": round(time.time() - start, 1)})
+            bar.set_postfix(loss=f"{running:.3f}", **val)
+    record = {"train": asdict(cfg), "model": asdict(model.config), "history": history,
+              "train_seconds": round(time.time() - start, 1),
+              "params": sum(p.numel() for p in model.parameters())}
+    return model.eval(), record
+
+
+def save(model: PointerNet, record: dict, name: str, out_dir: Path = ASSETS) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"config": asdict(model.config), "state": state}, out_dir / f"{name}.pt")
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return out_dir / f"{name}.pt"
+
+
+def load(task: str, n, variant: str = "", path: Path | None = None) -> PointerNet:
+    """A committed checkpoint, e.g. ``load("tsp", 10)``, ``load("tsp", "5-10")``,
+    ``load("sort", 10, "rpw")``. Weights are stored in half precision, run in float32."""
+    name = f"{task}{n}" + (f"_{variant}" if variant else "")
+    path = path or ASSETS / f"{name}.pt"
+    if not Path(path).exists():
+        known = sorted(p.stem for p in ASSETS.glob("*.pt"))
+        raise ValueError(f"no checkpoint {name!r} (task={task!r}, n={n!r}, variant={variant!r}); "
+                         f"committed: {known}")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = PointerNet(PointerConfig(**blob["config"]))
+    model.load_state_dict({k: v.float() for k, v in blob["state"].items()})
+    return model.eval()
+
+
+def record_of(task: str, n, variant: str = "") -> dict:
+    """The JSON written beside a checkpoint (training command, curve, evaluations)."""
+    name = f"{task}{n}" + (f"_{variant}" if variant else "")
+    return json.loads((ASSETS / f"{name}.json").read_text())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m refimpl.pointer")
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a checkpoint, evaluate it, write .pt and .json")
+    for field, default in asdict(TrainConfig()).items():
+        flag = "--" + field.replace("_", "-")
+        if isinstance(default, bool):
+            t.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
+        else:
+            t.add_argument(flag, type=int if field in ("n_max",) else type(default), default=default)
+    t.add_argument("--name", required=True)
+    t.add_argument("--no-save", action="store_true", help="write only the JSON record")
+    e = sub.add_parser("evaluate", help="re-run the test evaluation of a committed checkpoint")
+    e.add_argument("--name", required=True)
+    for a in (t, e):
+        a.add_argument("--threads", type=int, default=1)
+        a.add_argument("--test-instances", type=int, default=1000)
+        a.add_argument("--beam", type=int, default=[1], nargs="+")
+        a.add_argument("--test-n", type=int, default=None, nargs="+")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.command == "evaluate":
+        model, record = load("", "", path=ASSETS / f"{args.name}.pt"), \
+            json.loads((ASSETS / f"{args.name}.json").read_text())
+        cfg = TrainConfig(**record["train"])
+    else:
+        cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+        model, record = train(cfg)
+        record["command"] = "python -m refimpl.pointer " + " ".join(argv or sys.argv[1:])
+    record["test"] = []
+    data = {"input_order": cfg.input_order} if cfg.task == "hull" else {}
+    for n in args.test_n or [cfg.n_max or cfg.n]:
+        optimal = None
+        for beam in args.beam:
+            r = evaluate(cfg.task, model, n, args.test_instances, beam_size=beam,
+                         optimal=optimal, **data)
+            if cfg.task == "tsp" and n > MAX_HELD_KARP_N:
+                optimal = torch.full((args.test_instances,), r["mean_optimal"])  # computed once
+            print(json.dumps(r))
+            record["test"].append(r)
+    if args.command == "evaluate":
+        (ASSETS / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    elif args.no_save:
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        (ASSETS / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    else:
+        save(model, record, args.name)
+
+
+if __name__ == "__main__":
+    main()
