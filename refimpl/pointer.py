@@ -571,10 +571,15 @@ def save(model: PointerNet, record: dict, name: str, out_dir: Path = ASSETS) -> 
     return out_dir / f"{name}.pt"
 
 
+def checkpoint_name(task: str, n, variant: str = "") -> str:
+    """``tsp10``, ``tsp5-10``, ``sort10_rpw5_10k``: the file stem in ``refimpl/assets/pointer``."""
+    return f"{task}{n}" + (f"_{variant}" if variant else "")
+
+
 def load(task: str, n, variant: str = "", path: Path | None = None) -> PointerNet:
     """A committed checkpoint, e.g. ``load("tsp", 10)``, ``load("tsp", "5-10")``,
-    ``load("sort", 10, "rpw")``. Weights are stored in half precision, run in float32."""
-    name = f"{task}{n}" + (f"_{variant}" if variant else "")
+    ``load("sort", 10, "rpw5_10k")``. Weights are stored in half precision, run in float32."""
+    name = checkpoint_name(task, n, variant)
     path = path or ASSETS / f"{name}.pt"
     if not Path(path).exists():
         known = sorted(p.stem for p in ASSETS.glob("*.pt"))
@@ -588,8 +593,7 @@ def load(task: str, n, variant: str = "", path: Path | None = None) -> PointerNe
 
 def record_of(task: str, n, variant: str = "") -> dict:
     """The JSON written beside a checkpoint (training command, curve, evaluations)."""
-    name = f"{task}{n}" + (f"_{variant}" if variant else "")
-    return json.loads((ASSETS / f"{name}.json").read_text())
+    return json.loads((ASSETS / f"{checkpoint_name(task, n, variant)}.json").read_text())
 
 
 def main(argv=None) -> None:
@@ -614,8 +618,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.command == "evaluate":
-        model, record = load("", "", path=ASSETS / f"{args.name}.pt"), \
-            json.loads((ASSETS / f"{args.name}.json").read_text())
+        model = load("", "", path=ASSETS / f"{args.name}.pt")
+        record = json.loads((ASSETS / f"{args.name}.json").read_text())
         cfg = TrainConfig(**record["train"])
     else:
         cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
