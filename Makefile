@@ -63,6 +63,10 @@ pointer-checkpoints: setup
 	done
 	$(PTR) --task sort --n 10 --steps 10000 --eval-every 1000 --mask-chosen false --encoder rpw --process-steps 5 --name sort10_rpw5_10k
 	$(PTR) --task sort --n 10 --steps 10000 --eval-every 1000 --mask-chosen false --encoder lstm --name sort10_lstm_10k
+	$(PTR) --task sort --n 10 --steps 10000 --eval-every 1000 --mask-chosen false --glimpses 1 --encoder lstm --name sort10_lstm_g1_10k
+	$(PTR) --task sort --n 10 --steps 10000 --eval-every 1000 --mask-chosen false --glimpses 1 --encoder rpw --process-steps 5 --name sort10_rpw5_g1_10k
+	$(PTR) --task sort --n 10 --steps 10000 --eval-every 1000 --mask-chosen false --glimpses 1 --encoder lstm --seed 1 --no-save --name sort10_lstm_g1_10k_seed1
+	$(PTR) --task sort --n 10 --steps 10000 --eval-every 1000 --mask-chosen false --glimpses 1 --encoder rpw --process-steps 5 --seed 1 --no-save --name sort10_rpw5_g1_10k_seed1
 	$(PTR) --task sort --n 10 --steps 2500 --mask-chosen true --name sort10_lstm_masked
 	$(PTR) --task hull --n 10 --steps 5000 --input-order random --no-save --name order_input_random
 	$(PTR) --task hull --n 10 --steps 5000 --input-order angle --no-save --name order_input_angle

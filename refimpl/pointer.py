@@ -268,6 +268,7 @@ class PointerConfig:
     encoder: str = "lstm"  # "lstm" (Pointer Networks) or "rpw" (read-process-write)
     process_steps: int = 5  # P, for the rpw encoder
     mask_chosen: bool = True  # forbid re-pointing at an input already chosen
+    glimpses: int = 0  # attention reads of the keys before pointing (Order Matters; Bello et al. 2016)
 
     @property
     def input_dim(self) -> int:
@@ -310,6 +311,9 @@ class PointerNet(nn.Module):
         self.W1 = nn.Linear(H, H, bias=False)
         self.W2 = nn.Linear(H, H)
         self.v = nn.Parameter(torch.zeros(H).uniform_(-1 / math.sqrt(H), 1 / math.sqrt(H)))
+        if config.glimpses:
+            self.Wg = nn.Linear(H, H)
+            self.vg = nn.Parameter(torch.zeros(H).uniform_(-1 / math.sqrt(H), 1 / math.sqrt(H)))
 
     @property
     def has_stop(self) -> bool:
@@ -338,6 +342,17 @@ class PointerNet(nn.Module):
             q_star = torch.cat([h, (a * m).sum(1)], -1)
         return torch.tanh(self.init_h(q_star))[None], c[None]
 
+    def query(self, keys: torch.Tensor, d: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The pointer's query W2 q, q = d_i plus one attention read per glimpse:
+        q += sum_j softmax_j(vg^T tanh(keys_j + Wg q)) keys_j. Residual, so that the decoder
+        state still reaches the pointer at initialisation (a pure glimpse query trained to a
+        uniform pointer in our runs)."""
+        q = d
+        for _ in range(self.config.glimpses):
+            a = pointer_log_probs(keys, self.Wg(q), self.vg, mask).exp()
+            q = q + (a[..., None] * keys).sum(-2)
+        return self.W2(q)
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: log-probs [B, T, slots] of every step given the true prefix."""
         keys, inputs, state = self.encode(x)
@@ -353,7 +368,7 @@ class PointerNet(nn.Module):
             mask = torch.cat([chosen.new_zeros(B, 1, keys.shape[1]), chosen], 1)
             if self.has_stop:
                 mask[..., STOP] = False
-        return pointer_log_probs(keys[:, None], self.W2(d), self.v, mask)
+        return pointer_log_probs(keys[:, None], self.query(keys[:, None], d, mask), self.v, mask)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logp = self(x, targets)
@@ -393,7 +408,8 @@ def _beam_one(model: PointerNet, x: torch.Tensor, K: int) -> torch.Tensor:
         if cfg.mask_chosen:  # part of the model's distribution, as in training
             for r, path in enumerate(paths):
                 chosen[r, [i + off for i in path]] = True
-        logp = pointer_log_probs(keys.expand(len(paths), -1, -1), model.W2(d[:, 0]), model.v, chosen)
+        rows_keys = keys.expand(len(paths), -1, -1)
+        logp = pointer_log_probs(rows_keys, model.query(rows_keys, d[:, 0], chosen), model.v, chosen)
         allowed = ~chosen
         if model.has_stop:  # validity of the polygon: a constraint on the beam only
             for r, path in enumerate(paths):
@@ -509,6 +525,7 @@ class TrainConfig:
     encoder: str = "lstm"
     process_steps: int = 5
     mask_chosen: bool = True
+    glimpses: int = 0
     input_order: str = "random"  # hull only: "random" or "angle"
     output_order: str = "canonical"  # hull only: "canonical" or "random"
     pool_size: int = 100_000  # TSP: Held-Karp labelled instances per size
@@ -532,7 +549,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[PointerNet, dict]:
     g = torch.Generator().manual_seed(cfg.seed)
     sizes = list(range(cfg.n, (cfg.n_max or cfg.n) + 1))
     model = PointerNet(PointerConfig(cfg.task, cfg.hidden, cfg.encoder, cfg.process_steps,
-                                     cfg.mask_chosen))
+                                     cfg.mask_chosen, cfg.glimpses))
     pools = {n: TSPPool(n, cfg.pool_size, seed=cfg.seed * 100 + n, progress=progress)
              for n in sizes} if cfg.task == "tsp" else {}
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

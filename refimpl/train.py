@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from refimpl.data import CharTokenizer, get_batch, splits
-from refimpl.lm import CHECKPOINTS, GPTConfig, TinyGPT, save
+from refimpl.lm import CHECKPOINTS, GPTConfig, TinyGPT, generate, load, save
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,17 @@ class Preset:
     weight_decay: float = 0.1
     dropout: float = 0.0
     seed: int = 1337
+    teacher: str | None = None  # distil from this checkpoint's distribution instead of the labels
+    teacher_samples: int = 0  # windows of the teacher's own text added to the distillation data
 
 
 PRESETS = {
     "target": Preset(n_layer=6, n_head=8, n_embd=256, batch_size=16, steps=2500, lr=1.5e-3),
     "draft": Preset(n_layer=1, n_head=4, n_embd=128, batch_size=16, steps=3000, lr=3e-3),
+    # A two-layer draft trained to match the target's next-character distribution (knowledge
+    # distillation, Hinton et al. 2015; for speculative decoding: DistillSpec, Zhou et al. 2023).
+    "draft_distilled": Preset(n_layer=2, n_head=4, n_embd=128, batch_size=16, steps=3000, lr=3e-3,
+                              teacher="target", teacher_samples=1024),
     "smoke": Preset(n_layer=1, n_head=2, n_embd=32, block_size=64, batch_size=8, steps=30),
 }
 
@@ -71,6 +77,36 @@ def evaluate(model: TinyGPT, ids: torch.Tensor, block_size: int, max_windows: in
     return total / (n * block_size)
 
 
+@torch.no_grad()
+def teacher_log_probs(teacher: TinyGPT, x: torch.Tensor, batch_size: int = 32,
+                      progress: bool = True) -> torch.Tensor:
+    """The teacher's log-probabilities [N, T, V] at every position of the windows x [N, T]
+    (float16, computed once: distillation then costs no more per step than training on labels)."""
+    teacher.eval()
+    logp = torch.empty(*x.shape, teacher.config.vocab_size, dtype=torch.float16)
+    for i in tqdm(range(0, len(x), batch_size), desc="teacher log-probs", disable=not progress):
+        logp[i:i + batch_size] = teacher(x[i:i + batch_size]).log_softmax(-1).half()
+    return logp
+
+
+@torch.no_grad()
+def teacher_text(teacher: TinyGPT, ids: torch.Tensor, num: int, block_size: int,
+                 generator: torch.Generator, prompt_len: int = 32, batch_size: int = 64,
+                 progress: bool = True) -> torch.Tensor:
+    """``num`` windows [num, block_size] written by the teacher after prompts drawn from ``ids``,
+    half greedy and half sampled at temperature 1: the text a draft meets when it drafts for
+    this teacher (on-policy data, as DistillSpec recommends)."""
+    out, bar = [], tqdm(total=num, desc="teacher text", disable=not progress)
+    for temperature, count in ((0.0, num // 2), (1.0, num - num // 2)):
+        for i in range(0, count, batch_size):
+            b = min(batch_size, count - i)
+            starts = torch.randint(len(ids) - prompt_len, (b,), generator=generator)
+            prompts = ids[starts[:, None] + torch.arange(prompt_len)]
+            out.append(generate(teacher, prompts, block_size - prompt_len, temperature, generator=generator))
+            bar.update(b)
+    return torch.cat(out)
+
+
 def train(name: str, preset: Preset, out_dir: Path = CHECKPOINTS, eval_every: int = 250,
           progress: bool = True) -> dict:
     torch.manual_seed(preset.seed)
@@ -86,14 +122,27 @@ def train(name: str, preset: Preset, out_dir: Path = CHECKPOINTS, eval_every: in
                              {"params": no_decay, "weight_decay": 0.0}], lr=preset.lr,
                             betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(preset.seed)
-    curve = []
     start = time.perf_counter()
+    if preset.teacher:  # corpus windows, plus text the teacher wrote, with its log-probs
+        teacher = load(preset.teacher)
+        n = len(train_ids) // preset.block_size
+        windows = train_ids[: n * preset.block_size].view(n, preset.block_size)
+        if preset.teacher_samples:
+            windows = torch.cat([windows, teacher_text(teacher, train_ids, preset.teacher_samples,
+                                                       preset.block_size, gen, progress=progress)])
+        teacher_logp = teacher_log_probs(teacher, windows, progress=progress)
+    curve = []
     bar = tqdm(range(preset.steps), desc=f"train {name}", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, preset)
-        x, y = get_batch(train_ids, preset.batch_size, preset.block_size, gen)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        if preset.teacher:  # cross-entropy to the teacher's distribution = KL(teacher || model) + const
+            rows = torch.randint(len(windows), (preset.batch_size,), generator=gen)
+            p_teacher = teacher_logp[rows].float().exp()
+            loss = -(p_teacher * model(windows[rows]).log_softmax(-1)).sum(-1).mean()
+        else:
+            x, y = get_batch(train_ids, preset.batch_size, preset.block_size, gen)
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

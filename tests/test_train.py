@@ -1,14 +1,15 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from refimpl import lm
 from refimpl.data import splits
-from refimpl.train import PRESETS, evaluate, lr_at, train
+from refimpl.train import PRESETS, evaluate, lr_at, teacher_log_probs, teacher_text, train
 
 
-@pytest.mark.parametrize("name", ["draft", "target"])
+@pytest.mark.parametrize("name", ["draft", "target", "draft_distilled"])
 def test_checkpoint_reproduces_its_recorded_validation_loss(name):
     model = lm.load(name)
     rec = lm.record(name)
@@ -35,6 +36,41 @@ def test_training_lowers_the_loss(tmp_path):
     assert result["curve"][-1]["val_loss"] < result["curve"][0]["val_loss"]
     reloaded = lm.load(str(tmp_path / "smoke.pt"))
     assert reloaded.config.n_embd == PRESETS["smoke"].n_embd
+
+
+def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
+    train("teacher", PRESETS["smoke"], tmp_path, progress=False)
+    teacher = lm.load(str(tmp_path / "teacher.pt"))
+    _, val = splits()
+    x = val[:64 * 64].view(64, 64)
+    teacher_logp = teacher_log_probs(teacher, x, progress=False)
+    torch.testing.assert_close(teacher_logp.float(), teacher(x).log_softmax(-1), atol=2e-3, rtol=0)
+    text = teacher_text(teacher, val, 4, 64, torch.Generator().manual_seed(0), prompt_len=8, progress=False)
+    assert text.shape == (4, 64)
+    greedy = lm.generate(teacher, text[:, :8], 56, temperature=0)
+    assert torch.equal(text[:2], greedy[:2]) and not torch.equal(text[2:], greedy[2:])  # greedy, sampled
+
+    def kl_to_teacher(name):  # mean KL(teacher || student) per position on validation windows
+        student = lm.load(str(tmp_path / f"{name}.pt"))
+        p = teacher_logp.float()
+        return (p.exp() * (p - student(x).log_softmax(-1))).sum(-1).mean().item()
+
+    for name, teacher_path in (("distilled", str(tmp_path / "teacher.pt")), ("labels", None)):
+        train(name, replace(PRESETS["smoke"], seed=1, teacher=teacher_path, teacher_samples=16), tmp_path,
+              progress=False)
+    assert kl_to_teacher("distilled") < 0.5 * kl_to_teacher("labels")
+
+
+@torch.no_grad()
+def test_distilled_draft_agrees_with_the_target_more_often_than_the_draft():
+    """What distillation is for in chapter 5: the target's argmax, predicted more often."""
+    target, draft, distilled = lm.load("target"), lm.load("draft"), lm.load("draft_distilled")
+    _, val = splits()
+    x = val[:8 * 256].view(8, 256)  # held-out text: neither model was trained on it
+    want = target(x).argmax(-1)
+    agree = {name: (m(x).argmax(-1) == want).double().mean().item()
+             for name, m in (("draft", draft), ("distilled", distilled))}
+    assert agree["distilled"] > agree["draft"] + 0.03, agree
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
