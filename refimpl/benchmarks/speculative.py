@@ -72,7 +72,6 @@ def run(new_tokens: int = 160, repeats: int = 3, gammas=(1, 2, 3, 4, 6, 8)) -> d
         key = "draft" if name == "draft model" else "distilled"
         results.update({"ms_per_token_target": 1e3 * t_target / new_tokens,
                         f"ms_per_token_{key}": 1e3 * t_draft / new_tokens, f"c_{key}": c[name]})
-    results["c"] = c["draft model"]
     rows = []
     cases = [(name, mode) for mode in ("greedy", "T=1") for name in drafters]
     for name, mode in tqdm(cases, desc="drafters"):
