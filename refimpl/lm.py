@@ -307,9 +307,17 @@ class TinyGPT(nn.Module):
         return self.lm_head(self.ln_f(x[:, -1:] if last_only else x))
 
 
-def save(model: TinyGPT, path: Path, **record) -> None:
-    """Write ``path`` (weights and config) and ``path.with_suffix('.json')`` (config + record)."""
-    torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, path)
+def save(model: TinyGPT, path: Path, base: str | None = None, **record) -> None:
+    """Write ``path`` (weights and config) and ``path.with_suffix('.json')`` (config + record).
+
+    With ``base`` (a checkpoint name), only the tensors that differ from the base's are written;
+    ``load`` takes the rest from the base.
+    """
+    state = model.state_dict()
+    if base is not None:
+        base_state = load(base).state_dict()
+        state = {k: v for k, v in state.items() if not torch.equal(v, base_state[k])}
+    torch.save({"config": asdict(model.config), "state_dict": state, "base": base}, path)
     info = {"config": asdict(model.config), "parameters": model.num_parameters(), **record}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -322,7 +330,10 @@ def load(name: str, attn_backend: str = "sdpa") -> TinyGPT:
         raise ValueError(f"no checkpoint {name!r}; known: {known}")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     model = TinyGPT(GPTConfig(**blob["config"]), attn_backend=attn_backend)
-    model.load_state_dict(blob["state_dict"])
+    state = blob["state_dict"]
+    if blob.get("base") is not None:
+        state = {**load(blob["base"]).state_dict(), **state}
+    model.load_state_dict(state)
     return model.eval()
 
 

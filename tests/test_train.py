@@ -9,7 +9,7 @@ from refimpl.data import splits
 from refimpl.train import PRESETS, evaluate, lr_at, teacher_log_probs, teacher_text, train
 
 
-@pytest.mark.parametrize("name", ["draft", "target", "draft_distilled"])
+@pytest.mark.parametrize("name", ["draft", "target", "draft_distilled", "editor"])
 def test_checkpoint_reproduces_its_recorded_validation_loss(name):
     model = lm.load(name)
     rec = lm.record(name)
@@ -59,6 +59,25 @@ def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
         train(name, replace(PRESETS["smoke"], seed=1, teacher=teacher_path, teacher_samples=16), tmp_path,
               progress=False)
     assert kl_to_teacher("distilled") < 0.5 * kl_to_teacher("labels")
+
+
+def test_fine_tuning_only_attention_stores_only_what_changed(tmp_path):
+    train("base", PRESETS["smoke"], tmp_path, progress=False)
+    base = str(tmp_path / "base.pt")
+    result = train("tuned", replace(PRESETS["smoke"], seed=1, init=base, task="edit", train_only=".attn."),
+                   tmp_path, eval_every=10, progress=False)
+    assert result["curve"][-1]["val_loss"] < result["curve"][0]["val_loss"]  # the answers' loss falls
+    stored = torch.load(tmp_path / "tuned.pt", weights_only=True)["state_dict"]
+    assert stored and all(".attn." in k for k in stored)
+    tuned, base_model = lm.load(str(tmp_path / "tuned.pt")), lm.load(base)
+    for (name, a), (_, b) in zip(tuned.state_dict().items(), base_model.state_dict().items()):
+        assert torch.equal(a, b) == (name not in stored), name
+    _, val = splits()
+    assert evaluate(tuned, val, 64) == pytest.approx(result["final_val_loss"], abs=1e-4)  # base + stored
+    with pytest.raises(ValueError, match="init"):
+        train("bad", replace(PRESETS["smoke"], train_only=".attn."), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="task"):
+        train("bad", replace(PRESETS["smoke"], task="translate"), tmp_path, progress=False)
 
 
 @torch.no_grad()
