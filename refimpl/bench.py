@@ -31,6 +31,18 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_seconds(*fns, repeats: int = 5) -> list[float]:
+    """Median seconds of each function, timed in turn (a, b, c, a, b, c, ...) after one warm-up
+    call each, so that a slow spell of a shared machine hits them all alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            t.append(median_seconds(fn, 1, warmup=0))
+    return [statistics.median(t) for t in times]
+
+
 def environment() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "processor": platform.processor() or "unknown",

@@ -4,6 +4,10 @@ Both decode the same prompts with the same settings in the same run; the outputs
 checked identical before any timing counts. Throughput = generated tokens per second
 (prompts x max_new_tokens; EOS is never produced by these settings' random weights, and
 the check would catch a difference if it were).
+
+A third timing runs the model calls of our loop and nothing else (the prompts once, then
+max_new_tokens - 1 one-token steps of every beam, no search, no cache reordering): no loop around
+the same forward passes can beat HF by more than t_hf / t_forwards, the "ceiling" column.
 """
 import matplotlib.pyplot as plt
 import torch
@@ -11,9 +15,9 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from refimpl.bench import median_seconds, print_table, write_results
+from refimpl.bench import interleaved_seconds, print_table, write_results
 from refimpl.hf import HFCausalLM
-from refimpl.search import beam_search
+from refimpl.search import Stepper, beam_search
 
 # GPT-2 shapes with random weights: name -> (n_layer, n_embd, vocab_size). In the second the
 # lm head over GPT-2's 50257 tokens costs ~4x the transformer body per token.
@@ -53,16 +57,25 @@ def run(batch: int = 2, new_tokens: int = 32, repeats: int = 5) -> dict:
         def run_ours():
             return beam_search(ours, prompts, **kw).sequences
 
+        @torch.no_grad()
+        def run_forwards():
+            stepper = Stepper(ours, prompts)
+            stepper.prompt()
+            stepper.repeat(B)
+            step_tokens = torch.zeros(batch * B, dtype=torch.long)
+            for _ in range(new_tokens - 1):
+                stepper.step(step_tokens)
+
         same = torch.equal(run_hf(), run_ours())
         if not same:
             raise AssertionError(f"outputs differ for num_beams={B}, groups={G}")
-        t_hf = median_seconds(run_hf, repeats)
-        t_ours = median_seconds(run_ours, repeats)
+        t_hf, t_ours, t_forwards = interleaved_seconds(run_hf, run_ours, run_forwards, repeats=repeats)
         tokens = batch * new_tokens
         rows.append({"model": name, "prompt_len": prompt_len, "num_beams": B, "groups": G, "penalty": dp,
                      "identical": same,
                      "hf_tokens_per_s": tokens / t_hf, "ours_tokens_per_s": tokens / t_ours,
-                     "speedup": t_hf / t_ours})
+                     "speedup": t_hf / t_ours, "forwards_tokens_per_s": tokens / t_forwards,
+                     "ceiling": t_hf / t_forwards})
     print_table(rows)
 
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -73,6 +86,8 @@ def run(batch: int = 2, new_tokens: int = 32, repeats: int = 5) -> dict:
     ax.bar(x + 0.2, [r["ours_tokens_per_s"] for r in rows], 0.4, label="refimpl beam_search")
     for i, r in enumerate(rows):
         ax.text(i + 0.2, r["ours_tokens_per_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom")
+        ax.plot([i - 0.4, i + 0.4], [r["forwards_tokens_per_s"]] * 2, "k--", lw=1,
+                label="forward passes alone (ceiling)" if i == 0 else None)
     ax.set_xticks(x.tolist(), labels, fontsize=7)
     ax.set_ylabel("generated tokens / s")
     ax.set_title(f"Beam search vs HF generate, GPT-2 shapes ({'; '.join(MODELS)}), batch {batch}, prompt P, "

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from refimpl.bench import median_seconds, print_table, write_results
+from refimpl.bench import interleaved_seconds, print_table, write_results
 from refimpl.data import CharTokenizer, splits
 from refimpl.editing import edit_example, sample_passage
 from refimpl.lm import load
@@ -57,14 +57,7 @@ def run(new_tokens: int = 160, repeats: int = 3, gammas=(1, 2, 3, 4, 6, 8)) -> d
                 "prompt lookup": lambda: PromptLookup(max_ngram=8)}
 
     def paired(baseline, fn):
-        """Median seconds of two functions timed alternately, so that load on a shared machine
-        hits both alike."""
-        baseline(), fn()
-        a, b = [], []
-        for _ in range(repeats):
-            a.append(median_seconds(baseline, 1, warmup=0))
-            b.append(median_seconds(fn, 1, warmup=0))
-        return sorted(a)[len(a) // 2], sorted(b)[len(b) // 2]
+        return interleaved_seconds(baseline, fn, repeats=repeats)
 
     # the cost ratio c: one draft call vs one target call, per generated token, batch 1
     results, c = {"new_tokens": new_tokens, "prompt_tokens": prompt.shape[1], "repeats": repeats}, {}
