@@ -1,6 +1,8 @@
 """Speculative decoding benchmark: wall-clock tokens/s of autoregressive vs speculative decoding
 on the workbench target (batch 1), with each drafter, greedy and at temperature 1, beside the
-theory (Leviathan et al. 2022: E[tokens/call] = (1 - a^(g+1)) / (1 - a), gain / (g c + 1))."""
+theory (Leviathan et al. 2022: E[tokens/call] = (1 - a^(g+1)) / (1 - a), gain / (g c + 1)); and
+prompt lookup on a copy-heavy editing task (refimpl.editing) with the target and with the editor,
+the target fine-tuned for that task."""
 import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
