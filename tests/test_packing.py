@@ -284,4 +284,12 @@ def test_benchmark_paths_agree_and_lengths_stay_in_range():
         sample_lengths("zipf", 3, BLOCK, random.Random(0), corpus)
     import ctypes
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # as run() does: big buffers are fresh mmaps
-    assert peak_bytes(lambda: torch.ones(8 * 2**20).sum()) >= 30 * 2**20  # a 32 MiB temporary
+    # A 32 MiB temporary. The kernel's resident-memory counters can lag behind page faults taken
+    # in other threads (a full test run once read 0 here), so: one thread, best of 3, as
+    # run() takes the larger of two readings.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert max(peak_bytes(lambda: torch.ones(8 * 2**20).sum()) for _ in range(3)) >= 30 * 2**20
+    finally:
+        torch.set_num_threads(threads)
