@@ -8,6 +8,8 @@ attention written out per sequence.
 """
 import itertools
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -282,14 +284,11 @@ def test_benchmark_paths_agree_and_lengths_stay_in_range():
     assert set(sample_lengths("corpus", 50, BLOCK, random.Random(0), corpus)) == {3, 7, BLOCK}
     with pytest.raises(ValueError, match="distribution"):
         sample_lengths("zipf", 3, BLOCK, random.Random(0), corpus)
-    import ctypes
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # as run() does: big buffers are fresh mmaps
-    # A 32 MiB temporary. The kernel's resident-memory counters can lag behind page faults taken
-    # in other threads (a full test run once read 0 here), so: one thread, best of 3, as
-    # run() takes the larger of two readings.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert max(peak_bytes(lambda: torch.ones(8 * 2**20).sum()) for _ in range(3)) >= 30 * 2**20
-    finally:
-        torch.set_num_threads(threads)
+    # peak_bytes reads the kernel's resident-memory high-water mark, so it is checked in a fresh
+    # process, as the benchmark runs: late in the full test session it read 0 for a 32 MiB
+    # temporary (after the Triton attention tests; the cause is not pinned down).
+    check = ("import ctypes, torch; from refimpl.benchmarks.packing import peak_bytes; "
+             "ctypes.CDLL('libc.so.6').mallopt(-3, 1 << 16); "  # as run() does: big buffers are fresh mmaps
+             "print(peak_bytes(lambda: torch.ones(8 * 2**20).sum()))")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=True)
+    assert int(out.stdout.split()[-1]) >= 30 * 2**20  # a 32 MiB temporary
