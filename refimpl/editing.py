@@ -114,7 +114,6 @@ def damerau_distance(a: str, b: str) -> int:
     return d[-1][-1]
 
 
-@torch.no_grad()
 def correction_stats(model, tok: CharTokenizer, text: str, num: int, length: int = 80, num_typos: int = 2,
                      seed: int = 4, gamma: int = 8) -> dict:
     """Greedy answers of ``model`` to ``num`` passages of ``text``, decoded with prompt lookup

@@ -138,7 +138,8 @@ def train(name: str, preset: Preset, out_dir: Path = CHECKPOINTS, eval_every: in
     if preset.train_only:
         for pname, p in model.named_parameters():
             p.requires_grad_(preset.train_only in pname)
-    train_text, val_text = tokenizer.decode(train_ids), tokenizer.decode(val_ids)
+    if preset.task == "edit":  # refimpl.editing samples passages from text
+        train_text, val_text = tokenizer.decode(train_ids), tokenizer.decode(val_ids)
     trained = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trained if p.ndim >= 2]
     no_decay = [p for p in trained if p.ndim < 2]
