@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
-NB_THREADS := 2
+# Thread counts: the notebooks' kernels (OMP_NUM_THREADS) and the pytest process. Both follow
+# OMP_NUM_THREADS when it is set, so `OMP_NUM_THREADS=1 make test` runs everything on one thread.
+NB_THREADS ?= $(or $(OMP_NUM_THREADS),2)
+TEST_THREADS ?= $(or $(OMP_NUM_THREADS),1)
 
 .PHONY: setup test book site-test lab notebooks bench pointer-checkpoints clean
 
@@ -20,7 +23,7 @@ $(STAMP): requirements.txt
 # Unit tests, kernels (TRITON_INTERPRET=1 without CUDA, set in tests/conftest.py),
 # the mirror test and strict nbval over every notebook, in one pytest run.
 test: setup
-	OMP_NUM_THREADS=$(NB_THREADS) $(PY) -m pytest tests $(NOTEBOOKS) --nbval \
+	OMP_NUM_THREADS=$(NB_THREADS) REFIMPL_TEST_THREADS=$(TEST_THREADS) $(PY) -m pytest tests $(NOTEBOOKS) --nbval \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env -p no:cacheprovider
 
 # The static site from the notebooks' stored outputs; open _build/html/index.html.

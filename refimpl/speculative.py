@@ -32,14 +32,17 @@ from refimpl.lm import KVCache, TinyGPT, additive_mask, causal_mask
 # ---------------------------------------------------------------- theory
 
 def expected_tokens_per_call(alpha: float, gamma: int) -> float:
-    """E[tokens per target call] = (1 - alpha^(gamma+1)) / (1 - alpha) (Leviathan et al., eq. 1)."""
+    """E[tokens per target call] = (1 - alpha^(gamma+1)) / (1 - alpha) (Leviathan et al., eq. 1).
+
+    Summed as the geometric series 1 + alpha + ... + alpha^gamma, which needs no special case at
+    alpha = 1 and loses no digits near it. ``alpha`` outside [0, 1] raises: a rate measured as a
+    float sum should come from ``acceptance_rate``, which clamps its rounding.
+    """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if alpha == 1:
-        return gamma + 1.0
-    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return float(sum(alpha ** i for i in range(gamma + 1)))
 
 
 def expected_speedup(alpha: float, gamma: int, c: float) -> float:
@@ -53,8 +56,12 @@ def expected_speedup(alpha: float, gamma: int, c: float) -> float:
 
 
 def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """alpha = E_q[min(1, p/q)] = sum_x min(p(x), q(x)) = 1 - TV(p, q) (Leviathan et al., Def. 3.1)."""
-    return torch.minimum(p, q).sum(-1)
+    """alpha = E_q[min(1, p/q)] = sum_x min(p(x), q(x)) = 1 - TV(p, q) (Leviathan et al., Def. 3.1).
+
+    A probability by definition, but a float sum: for p == q it can land an ulp above 1, by an
+    amount that depends on the CPU's summation order. So the result is clamped to [0, 1].
+    """
+    return torch.minimum(p, q).sum(-1).clamp(0, 1)
 
 
 # ---------------------------------------------------------------- one verification step

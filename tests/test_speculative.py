@@ -69,6 +69,29 @@ def test_acceptance_rate_is_one_minus_total_variation():
     assert float(acceptance_rate(p, q)) == pytest.approx(1 - 0.5 * float((p - q).abs().sum()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("V", [5, 65, 1000, 50257])
+def test_acceptance_rate_at_its_bounds_stays_a_probability(V, dtype):
+    """At the bounds themselves (p == q: 1; disjoint supports: 0; one-hot p: q at that token) the float
+    sum may land an ulp outside [0, 1] on some CPUs; the rate must still be a valid input to the theory."""
+    g = torch.Generator().manual_seed(V)
+    p = (4 * torch.randn(64, V, generator=g, dtype=torch.float64)).softmax(-1).to(dtype)
+    q = (4 * torch.randn(64, V, generator=g, dtype=torch.float64)).softmax(-1).to(dtype)
+    half = torch.arange(V) < V // 2
+    disjoint_p = torch.where(half, p, 0) / torch.where(half, p, 0).sum(-1, keepdim=True)
+    disjoint_q = torch.where(half, 0, q) / torch.where(half, 0, q).sum(-1, keepdim=True)
+    one_hot = torch.nn.functional.one_hot(torch.arange(64) % V, V).to(dtype)
+    eps = 8 * V * torch.finfo(dtype).eps  # the rounding of a V-term sum
+    for (a, b), want in [((p, p.clone()), torch.ones(64, dtype=dtype)),
+                         ((disjoint_p, disjoint_q), torch.zeros(64, dtype=dtype)),
+                         ((one_hot, q), q[torch.arange(64), torch.arange(64) % V])]:
+        alpha = acceptance_rate(a, b)
+        assert ((alpha >= 0) & (alpha <= 1)).all()
+        assert (alpha - want).abs().max() <= eps
+        for x in alpha.tolist():
+            assert 1 <= expected_tokens_per_call(x, 4) <= 5
+
+
 # ------------------------------------------------------------------ one step, exact law
 
 def one_step_cases(V=6):
