@@ -97,7 +97,8 @@ class HFCache:
 
     def reorder(self, index) -> None:
         """Replace row b by row index[b] (beam search); index may repeat rows or change B."""
-        index = torch.as_tensor(index, dtype=torch.long)
+        layers = self._layers()
+        index = torch.as_tensor(index, dtype=torch.long, device=layers[0].keys.device if layers else None)
         if index.ndim != 1 or len(index) == 0 or not 0 <= int(index.min()) <= int(index.max()) < self.batch_size:
             raise ValueError(f"index must be a non-empty 1-D tensor of rows in [0, {self.batch_size})")
         if len(self) > 0:
@@ -171,8 +172,11 @@ class HFCausalLM(nn.Module):
             raise TypeError(f"cache must come from empty_cache(), got {type(cache).__name__}")
         B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
                                         self.config.block_size)
-        if position_ids is not None:
-            position_ids = position_ids.long().expand(B, T)
+        # Always explicit: OPT derives positions from the attention mask when given none, which
+        # fails for a 4-D mask; counting on from the cache is what every family does by default.
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)
+        position_ids = position_ids.long().expand(B, T)
         if attn_mask is not None:
             self._check_gpt2_eager(attn_mask, T, past + T)
             dtype = self.hf.dtype  # sdpa wants the mask in the query's dtype

@@ -135,7 +135,7 @@ def _as_prompts(prompts, max_length=None, name="prompts"):
         raise ValueError(f"{name} must be a non-empty list of token lists / 1-D integer tensors")
     out = []
     for i, p in enumerate(prompts):
-        t = torch.as_tensor(p)
+        t = p if torch.is_tensor(p) else torch.as_tensor(p)
         if t.ndim != 1 or t.is_floating_point() or t.numel() < 1:
             raise ValueError(f"{name}[{i}] must be a non-empty 1-D sequence of token ids")
         if max_length is not None and t.numel() > max_length:
@@ -168,20 +168,21 @@ def pack_prompts(prompts, capacity=None, algorithm="ffd", pad_id=0) -> Packed:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     bins = (first_fit_decreasing if algorithm == "ffd" else best_fit_decreasing)(lengths, capacity)
     L = max(sum(lengths[i] for i in b) for b in bins)
-    input_ids = torch.full((len(bins), L), pad_id, dtype=torch.long)
-    position_ids = torch.zeros(len(bins), L, dtype=torch.long)
-    segment_ids = torch.full((len(bins), L), -1, dtype=torch.long)
+    device = prompts[0].device
+    input_ids = torch.full((len(bins), L), pad_id, dtype=torch.long, device=device)
+    position_ids = torch.zeros(len(bins), L, dtype=torch.long, device=device)
+    segment_ids = torch.full((len(bins), L), -1, dtype=torch.long, device=device)
     placements = [None] * len(prompts)
     for row, b in enumerate(bins):
         start = 0
         for i in b:
             n = lengths[i]
             input_ids[row, start:start + n] = prompts[i]
-            position_ids[row, start:start + n] = torch.arange(n)
+            position_ids[row, start:start + n] = torch.arange(n, device=device)
             segment_ids[row, start:start + n] = i
             placements[i] = Placement(row, start, n)
             start += n
-    cu_seqlens = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    cu_seqlens = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=device)
     attn_mask = additive_mask(block_causal_allowed(segment_ids))[:, None]
     return Packed(input_ids, position_ids, segment_ids, attn_mask, cu_seqlens, placements, capacity)
 
@@ -239,7 +240,7 @@ def generate_packed(model, prompts, max_new_tokens: int, capacity=None) -> list[
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     prompts = _as_prompts(prompts, model.config.block_size)
-    lengths = torch.tensor([len(p) for p in prompts])
+    lengths = torch.tensor([len(p) for p in prompts], device=prompts[0].device)
     P = int(lengths.max())
     if P + max_new_tokens > model.config.block_size:
         raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -248,7 +249,7 @@ def generate_packed(model, prompts, max_new_tokens: int, capacity=None) -> list[
     cache = type(caches[0]).stack([pad_cache(c, P) for c in caches])
     nxt = last.argmax(dim=-1)
     out = [nxt]
-    slots = torch.arange(P + max_new_tokens)
+    slots = torch.arange(P + max_new_tokens, device=lengths.device)
     for t in range(max_new_tokens - 1):
         S = P + t + 1
         allowed = (slots[None, :S] < lengths[:, None]) | (slots[None, :S] >= P)
@@ -297,9 +298,9 @@ def padding_free_prefill(model, prompts, attention=varlen_attention):
         raise ValueError(f"model must be a refimpl.lm.TinyGPT, got {type(model).__name__}")
     prompts = _as_prompts(prompts, model.config.block_size)
     ids = torch.cat(prompts)
-    lengths = torch.tensor([len(p) for p in prompts])
-    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
-    pos = torch.arange(len(ids)) - torch.repeat_interleave(cu[:-1].long(), lengths)
+    lengths = torch.tensor([len(p) for p in prompts], device=ids.device)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32, device=ids.device), lengths.cumsum(0).int()])
+    pos = torch.arange(len(ids), device=ids.device) - torch.repeat_interleave(cu[:-1].long(), lengths)
     N, C, H = len(ids), model.config.n_embd, model.config.n_head
     x = model.tok_emb(ids) + model.pos_emb(pos)
     for block in model.blocks:

@@ -111,7 +111,7 @@ class Stepper:
         """Give every prompt ``times`` identical cache rows (its beams), rows of a prompt adjacent."""
         if times == 1:
             return
-        self.cache.reorder(torch.arange(self.cache.batch_size).repeat_interleave(times))
+        self.cache.reorder(torch.arange(self.cache.batch_size, device=self.input_ids.device).repeat_interleave(times))
         if self.mask is not None:
             self.positions = self.positions.repeat_interleave(times, 0)
             self.mask = self.mask.repeat_interleave(times, 0)

@@ -322,7 +322,7 @@ class NGramTable(Drafter):
     def __init__(self, probs: torch.Tensor, vocab_size: int, order: int):
         self.probs, self.vocab_size, self.order = probs, vocab_size, order
         self.best = probs.argmax(dim=-1)
-        self.weights = vocab_size ** torch.arange(order - 2, -1, -1)  # context -> row of probs
+        self.weights = vocab_size ** torch.arange(order - 2, -1, -1, device=probs.device)  # context -> row
 
     @classmethod
     def from_tokens(cls, ids: torch.Tensor, vocab_size: int, order: int = 3, smoothing: float = 0.01):
@@ -333,7 +333,7 @@ class NGramTable(Drafter):
         if ids.ndim != 1 or len(ids) < order or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
             raise ValueError(f"ids must be a 1-D tensor of at least {order} tokens in [0, {vocab_size})")
         ids = ids.long()
-        probs = torch.full((1, vocab_size), 1.0 / vocab_size)
+        probs = torch.full((1, vocab_size), 1.0 / vocab_size, device=ids.device)
         for k in range(1, order):  # context length k; back off to k - 1 where unseen
             index = sum(ids[i:len(ids) - k + i] * vocab_size ** (k - i) for i in range(k)) + ids[k:]
             counts = torch.bincount(index, minlength=vocab_size ** (k + 1)).view(-1, vocab_size).float()
@@ -382,7 +382,8 @@ class AdaptiveGamma(Drafter):
 
     def rollback(self, end, rows, shift, num_accepted, drafted):
         self.drafter.rollback(end, rows, shift, num_accepted, drafted)
-        all_accepted = bool((torch.as_tensor(num_accepted) == drafted).all())
+        all_accepted = bool((num_accepted == drafted).all()) if torch.is_tensor(num_accepted) \
+            else num_accepted == drafted
         step = self.grow if all_accepted else -self.shrink
         self.gamma = max(self.min_gamma, min(self.max_gamma, self.gamma + step))
 
@@ -471,8 +472,8 @@ def speculative_generate(target, drafter, input_ids, *, max_new_tokens, gamma=4,
     seq = input_ids.new_zeros(B, total + gamma + 1)  # token buffer; row b owns slots pad[b] .. L-1
     seq[:, :T] = input_ids
     out = input_ids.new_empty(B, total)
-    origin = torch.arange(B)  # original row of each active row
-    pad = None if B == 1 else torch.zeros(B, dtype=torch.long)
+    origin = torch.arange(B, device=seq.device)  # original row of each active row
+    pad = None if B == 1 else torch.zeros(B, dtype=torch.long, device=seq.device)
     cache, stats, L, dtype = target.empty_cache(B), SpecStats(), T, model_dtype(target)
     if T > 1:  # the target's cache holds every token but the last
         target(seq[:, :T - 1], cache=cache)
@@ -483,7 +484,7 @@ def speculative_generate(target, drafter, input_ids, *, max_new_tokens, gamma=4,
         draft, q = drafter.propose(seq, L, pad, g, greedy, temperature, generator) if g > 0 else (seq[:, :0], None)
         g = draft.shape[1]
         if pad is None:  # one causal mask for the whole forward, not one per layer
-            position_ids, mask = None, causal_mask(g + 1, L + g, dtype=dtype)[None, None] if g else None
+            position_ids, mask = None, causal_mask(g + 1, L + g, seq.device, dtype)[None, None] if g else None
         else:
             position_ids, mask = batch_inputs(pad, L - 1, g + 1, dtype)
         logits = target(torch.cat([seq[:, L - 1:L], draft], dim=1), position_ids, mask, cache)
@@ -508,7 +509,7 @@ def speculative_generate(target, drafter, input_ids, *, max_new_tokens, gamma=4,
                 out[:] = seq[:, :total]
                 return out, stats
             continue
-        seq[torch.arange(rows), L + n] = nxt
+        seq[torch.arange(rows, device=seq.device), L + n] = nxt
         stats.accepted.append(int(n.sum()))
         stats.rows.append(rows)
         done = L + n + 1 - pad >= total

@@ -6,24 +6,16 @@ random weights (nothing is downloaded), under both eager and sdpa attention.
 """
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from refimpl.hf import HFCache, HFCausalLM
 from refimpl.lm import additive_mask
+from tiny_hf import tiny_hf
 
 V, BLOCK, ATOL = 50, 64, 1e-5
 
 
 def build(arch, impl="sdpa", seed=0):
-    torch.manual_seed(seed)
-    if arch == "gpt2":
-        config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=V, n_positions=BLOCK,
-                            attn_implementation=impl)
-        return GPT2LMHeadModel(config).eval()
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=V, max_position_embeddings=BLOCK,
-                         attn_implementation=impl)
-    return LlamaForCausalLM(config).eval()
+    return tiny_hf(arch, vocab=V, positions=BLOCK, seed=seed, attn_implementation=impl)
 
 
 MODELS = [("gpt2", "sdpa"), ("gpt2", "eager"), ("llama", "sdpa"), ("llama", "eager")]

@@ -15,29 +15,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from refimpl import lm
 from refimpl.hf import HFCausalLM
 from refimpl.packing import (best_fit_decreasing, first_fit_decreasing, generate_packed, lower_bound,
                              optimal_bins, pack_prompts, packed_prefill, padding_free_prefill, unpack,
                              varlen_attention)
+from tiny_hf import tiny_hf
 
 V, BLOCK, ATOL = 50, 64, 1e-5
 
 
 def build(arch):
-    torch.manual_seed(0)
     if arch == "tiny":
+        torch.manual_seed(0)
         return lm.TinyGPT(lm.GPTConfig(vocab_size=V, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)).eval()
-    if arch == "gpt2":
-        return HFCausalLM(GPT2LMHeadModel(GPT2Config(
-            n_layer=2, n_head=2, n_embd=32, vocab_size=V, n_positions=BLOCK,
-            attn_implementation="sdpa")).eval())
-    return HFCausalLM(LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=V, max_position_embeddings=BLOCK,
-        attn_implementation="sdpa")).eval())
+    return HFCausalLM(tiny_hf(arch, vocab=V, positions=BLOCK))
 
 
 def random_prompts(lengths, seed=1, vocab=V):

@@ -6,12 +6,12 @@ from collections import Counter
 import pytest
 import torch
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from refimpl.hf import HFCausalLM
 from refimpl.lm import GPTConfig, TinyGPT
 from refimpl.search import (BeamOutput, beam_search, distinct_n, edit_distance, greedy_search,
                             mean_logprob_per_token, mean_pairwise_edit_distance, strip_generated)
+from tiny_hf import tiny_hf
 
 transformers.logging.set_verbosity_error()
 V, EOS, PAD, MAX_NEW = 40, 3, 5, 8
@@ -19,14 +19,8 @@ V, EOS, PAD, MAX_NEW = 40, 3, 5, 8
 
 def hf_model(kind, seed=0, eos_bias=1.5):
     """A small random HF causal LM whose lm head favours EOS, so hypotheses do finish."""
-    torch.manual_seed(seed)
-    if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                           bos_token_id=0, eos_token_id=EOS))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=2, max_position_embeddings=64))
+    extra = {"bos_token_id": 0, "eos_token_id": EOS} if kind == "gpt2" else {}
+    model = tiny_hf(kind, vocab=V, seed=seed, **extra)
     head = model.get_output_embeddings()
     with torch.no_grad():
         head.bias = torch.nn.Parameter(torch.zeros(V))
@@ -92,9 +86,7 @@ def test_equals_hf_generate_random_settings():
     finished_early = 0
     for case in range(60):
         vocab = pick([6, 40])
-        torch.manual_seed(case)
-        config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2)
-        model = GPT2LMHeadModel(config).eval()
+        model = tiny_hf("gpt2", vocab=vocab, layers=1, seed=case)
         with torch.no_grad():
             model.lm_head.bias = torch.nn.Parameter(torch.zeros(vocab))
             model.lm_head.bias[3] = pick([0.5, 1.5, 2.5])

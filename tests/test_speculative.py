@@ -11,7 +11,6 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from refimpl.hf import HFCausalLM
 from refimpl.lm import GPTConfig, KVCache, TinyGPT
@@ -19,6 +18,7 @@ from refimpl.speculative import (AdaptiveGamma, DraftModel, NGramTable, PromptLo
                                  acceptance_rate, autoregressive_generate, expected_speedup,
                                  expected_tokens_per_call, greedy_accept, lookup_continuation,
                                  speculative_accept, speculative_generate)
+from tiny_hf import tiny_hf
 
 
 def tiny(seed, V=20, layers=2, block=64, emb=16, scale=4.0):
@@ -429,18 +429,8 @@ def test_adaptive_gamma_grows_and_shrinks(pair):
 
 def hf_pair(arch):
     def build(layers, seed):
-        torch.manual_seed(seed)
-        if arch == "gpt2":
-            cfg = GPT2Config(n_layer=layers, n_head=2, n_embd=32, vocab_size=40, n_positions=128,
-                             bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
-            model = GPT2LMHeadModel(cfg)
-        else:
-            cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                              num_attention_heads=4, num_key_value_heads=2, vocab_size=40,
-                              max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
-                              attn_implementation="sdpa")
-            model = LlamaForCausalLM(cfg)
-        model = model.double().eval()
+        model = tiny_hf(arch, vocab=40, positions=128, layers=layers, seed=seed, bos_token_id=0,
+                        eos_token_id=0).double()
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(3.0)
