@@ -9,7 +9,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 NB_THREADS ?= $(or $(OMP_NUM_THREADS),2)
 TEST_THREADS ?= $(or $(OMP_NUM_THREADS),1)
 
-.PHONY: setup test book site-test lab notebooks bench pointer-checkpoints clean
+.PHONY: setup test book site-test lab notebooks bench gpu-check pointer-checkpoints clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,14 @@ notebooks: setup
 
 bench: setup
 	$(PY) -m refimpl.bench all
+
+# For a reader with an NVIDIA GPU: the kernel tests on CUDA (where conftest leaves TRITON_INTERPRET
+# unset) with the ahead-of-time compile test, every decoding algorithm on CUDA against the CPU, then each kernel timed against its torch path
+# (figures/bench_kernels_gpu.json and .png). Without CUDA it says so and fails at once.
+gpu-check: setup
+	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('make gpu-check needs an NVIDIA GPU with CUDA: torch.cuda.is_available() is False here')"
+	$(PY) -m pytest -p no:cacheprovider $(wildcard tests/test_kernels_*.py) tests/test_devices.py
+	$(PY) -m refimpl.benchmarks.kernels
 
 # Chapter 1's checkpoints and experiment records (refimpl/assets/pointer/), one CPU thread each;
 # the exact commands that made the committed files. About 2 h of CPU in all.

@@ -1,23 +1,26 @@
-"""The ring's per-step Triton block (runs under TRITON_INTERPRET on CPU) against torch oracles,
-at ragged sizes and global positions, and the whole ring with the kernel as block backend."""
+"""The ring's per-step Triton block against torch oracles, at ragged sizes and global positions,
+and the whole ring with the kernel as block backend. On ``kernel_device``: the interpreter on
+CPU, the compiled kernel on a GPU (tolerances per device in tests/tolerances.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import attention_tol
 
 from refimpl.kernels.attention import attention_reference
 from refimpl.kernels.ring import global_offset, ring_block_attention, ring_step
 from refimpl.ring import LAYOUTS, block_attention, ring_attention
 
 
-def qkv(T, S, D=16, B=1, H=2, seed=0):
+def qkv(T, S, D=16, B=1, H=2, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, n, D, generator=g) for n in (T, S, S)]
+    return [torch.randn(B, H, n, D, generator=g).to(device) for n in (T, S, S)]
 
 
 def oracle(q, k, v, q_pos, k_pos, causal):
     """SDPA on the block with the mask built from global positions (key visible iff its
     position <= the query's), and the logsumexp of the masked scores."""
-    mask = k_pos[None, :] <= q_pos[:, None] if causal else torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+    mask = k_pos[None, :] <= q_pos[:, None] if causal else \
+        torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q.device)
     s = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
     rows = mask.any(-1)
     out = torch.zeros_like(q)
@@ -32,37 +35,40 @@ CASES = [(37, 53, 100, 0, 1), (37, 53, 60, 40, 1), (37, 37, 40, 40, 1), (53, 37,
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("T,S,qs,ks,stride", CASES)
-def test_ring_step_matches_global_position_oracle(T, S, qs, ks, stride, causal):
-    q, k, v = qkv(T, S)
+def test_ring_step_matches_global_position_oracle(T, S, qs, ks, stride, causal, kernel_device):
+    out_tol, lse_tol = attention_tol(kernel_device, torch.float32)
+    q, k, v = qkv(T, S, device=kernel_device)
     out, lse = ring_step(q, k, v, qs, ks, causal=causal, stride=stride)
-    q_pos = qs + stride * torch.arange(T)
-    k_pos = ks + stride * torch.arange(S)
+    q_pos = qs + stride * torch.arange(T, device=kernel_device)
+    k_pos = ks + stride * torch.arange(S, device=kernel_device)
     ref_out, ref_lse = oracle(q, k, v, q_pos, k_pos, causal)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref_out, atol=out_tol, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=lse_tol, rtol=lse_tol)
     assert not torch.isnan(out).any()
 
 
 @pytest.mark.parametrize("offset", [None, -40, -3, 0, 7, 100])
-def test_ring_block_backend_matches_torch_block(offset):
-    q, k, v = qkv(45, 29, D=24, seed=2)
+def test_ring_block_backend_matches_torch_block(offset, kernel_device):
+    out_tol, lse_tol = attention_tol(kernel_device, torch.float32)
+    q, k, v = qkv(45, 29, D=24, seed=2, device=kernel_device)
     out, lse = ring_block_attention(q, k, v, sm_scale=0.4, causal_offset=offset)
     ref_out, ref_lse = block_attention(q, k, v, sm_scale=0.4, causal_offset=offset)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref_out, atol=out_tol, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=lse_tol, rtol=lse_tol)
     ref2, _ = attention_reference(q, k, v, causal=offset is not None, sm_scale=0.4, causal_offset=offset)
-    torch.testing.assert_close(out, ref2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, ref2, atol=out_tol, rtol=0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("P", [2, 4])
-def test_ring_with_kernel_backend_matches_sdpa(P, layout):
-    q, k, v = qkv(200, 200, D=16, seed=P)
+def test_ring_with_kernel_backend_matches_sdpa(P, layout, kernel_device):
+    tol = attention_tol(kernel_device, torch.float32)[0]
+    q, k, v = qkv(200, 200, D=16, seed=P, device=kernel_device)
     for causal in (False, True):
         out = ring_attention(q, k, v, world_size=P, causal=causal, layout=layout, backend="triton")
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                                   atol=1e-5, rtol=0)
+                                   atol=tol, rtol=0)
 
 
 def test_global_offset_and_bad_input():

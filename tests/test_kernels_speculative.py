@@ -3,15 +3,21 @@
 Oracles: ``verify_reference`` (plain torch: cumprod for the first rejection, searchsorted for
 the inverse CDF), and the law of the emitted token against p (Monte Carlo) for the sampling
 wrapper. Ragged vocabulary sizes (not multiples of the block) and the edge cases: every draft
-accepted (bonus token from p), p = q (empty residual), one-hot q, disjoint supports.
+accepted (bonus token from p), p = q (empty residual), one-hot q, disjoint supports. On
+``kernel_device``: the interpreter on CPU, the compiled kernel on a GPU.
 """
 import pytest
 import torch
 
+from refimpl.kernels.common import MAX_BLOCK
 from refimpl.kernels.speculative import speculative_accept_triton, verify, verify_reference
 
 
-def case(B, g, V, seed, kind="random"):
+def case(B, g, V, seed, kind="random", device="cpu"):
+    return [t.to(device) for t in _case(B, g, V, seed, kind)]
+
+
+def _case(B, g, V, seed, kind):
     gen = torch.Generator().manual_seed(seed)
     p = (3 * torch.randn(B, g + 1, V, generator=gen)).softmax(-1)
     q = (3 * torch.randn(B, g, V, generator=gen)).softmax(-1)
@@ -35,8 +41,8 @@ def case(B, g, V, seed, kind="random"):
 @pytest.mark.parametrize("V", [17, 65, 200, 333])
 @pytest.mark.parametrize("g", [1, 3, 5])
 @pytest.mark.parametrize("kind", ["random", "p_equals_q", "one_hot_q", "disjoint", "all_accepted"])
-def test_kernel_equals_reference(V, g, kind):
-    draft, q, p, u, v = case(6, g, V, seed=V * 10 + g, kind=kind)
+def test_kernel_equals_reference(V, g, kind, kernel_device):
+    draft, q, p, u, v = case(6, g, V, seed=V * 10 + g, kind=kind, device=kernel_device)
     n_ref, next_ref = verify_reference(draft, q, p, u, v)
     n, nxt = verify(draft, q, p, u, v, block_v=64)
     assert torch.equal(n, n_ref)
@@ -58,22 +64,74 @@ def test_reference_samples_from_the_residual():
     assert torch.allclose(freq, torch.tensor([0.0, 1.0, 0.0]), atol=0.01)  # max(0, p - q) = [0, 0.4, 0]
 
 
-def test_triton_accept_has_law_p():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_distributions(dtype, kernel_device):
+    """fp16/bf16 q and p are read in fp32: the kernel equals the reference on the same values."""
+    draft, q, p, u, v = case(6, 3, 200, seed=7, device=kernel_device)
+    q, p = q.to(dtype), p.to(dtype)
+    n_ref, next_ref = verify_reference(draft, q, p, u, v)
+    n, nxt = verify(draft, q, p, u, v)
+    assert torch.equal(n, n_ref) and torch.equal(nxt, next_ref)
+
+
+@pytest.mark.parametrize("block_v", [16, MAX_BLOCK])
+def test_block_sizes_at_both_ends(block_v, kernel_device):
+    draft, q, p, u, v = case(4, 2, 3000, seed=block_v, device=kernel_device)
+    n_ref, next_ref = verify_reference(draft, q, p, u, v)
+    n, nxt = verify(draft, q, p, u, v, block_v=block_v)
+    assert torch.equal(n, n_ref) and torch.equal(nxt, next_ref)
+
+
+def test_triton_accept_has_law_p(kernel_device):
     V, N = 5, 800  # every row is one interpreted program: keep N small, V smaller
     gen = torch.Generator().manual_seed(0)
     p1 = (2 * torch.randn(V, generator=gen)).softmax(0)
     q1 = (2 * torch.randn(V, generator=gen)).softmax(0)
     draft = torch.multinomial(q1.expand(N, V), 1, replacement=True, generator=gen)
+    p1, q1, draft = p1.to(kernel_device), q1.to(kernel_device), draft.to(kernel_device)
+    gen = torch.Generator(device=kernel_device).manual_seed(1)  # the uniforms' generator
     n, nxt = speculative_accept_triton(draft, q1.expand(N, 1, V), p1.expand(N, 2, V), generator=gen)
     first = torch.where(n > 0, draft[:, 0], nxt)
     freq = torch.bincount(first, minlength=V).float() / N
     assert ((freq - p1).abs() <= 5 * (p1 * (1 - p1) / N).sqrt() + 1e-6).all()
 
 
+# one case per bound on the draft token ids (V = 40); a GPU would read out of bounds at each
+BAD_DRAFTS = {"negative": -1, "V": 40, "past V": 1000}
+
+
+@pytest.mark.parametrize("case_name", BAD_DRAFTS)
+@pytest.mark.parametrize("fn", [verify, verify_reference])
+def test_draft_tokens_outside_the_vocabulary_raise(case_name, fn, kernel_device):
+    draft, q, p, u, v = case(2, 3, 40, seed=0, device=kernel_device)
+    draft[1, 2] = BAD_DRAFTS[case_name]
+    with pytest.raises(ValueError, match=r"draft_tokens must be token ids in \[0, V = 40\)"):
+        fn(draft, q, p, u, v)
+
+
+@pytest.mark.parametrize("block_v", [8, 48, 2 * MAX_BLOCK])
+def test_block_v_outside_the_accepted_range_raises(block_v):
+    draft, q, p, u, v = case(2, 3, 40, seed=0)
+    with pytest.raises(ValueError, match=rf"block_v must be a power of two in \[16, {MAX_BLOCK}\]"):
+        verify(draft, q, p, u, v, block_v=block_v)
+
+
+def test_int32_offsets_are_checked():
+    B, g, V = 2, 1, 2**30
+    draft, u, v = torch.zeros(B, g, dtype=torch.long), torch.rand(B, g), torch.rand(B)
+    q, p = torch.empty(B, g, V, device="meta"), torch.empty(B, g + 1, V, device="meta")
+    with pytest.raises(ValueError, match="p spans 4294967296 elements; the kernel indexes in int32"):
+        verify(draft, q, p, u, v)
+
+
 def test_bad_input():
     draft, q, p, u, v = case(2, 3, 40, seed=0)
-    with pytest.raises(ValueError, match="block_v"):
-        verify(draft, q, p, u, v, block_v=48)
+    with pytest.raises(ValueError, match="draft_tokens must be int32 or int64"):
+        verify(draft.float(), q, p, u, v)
+    with pytest.raises(ValueError, match="p.dtype"):
+        verify(draft, q, p.double(), u, v)
+    with pytest.raises(ValueError, match="u is on meta but p is on cpu"):
+        verify(draft, q, p, u.to("meta"), v)
     with pytest.raises(ValueError, match="u must be"):
         verify(draft, q, p, u[:, :2], v)
     with pytest.raises(ValueError, match="draft_tokens"):

@@ -148,8 +148,12 @@ def test_full_width_beam_finds_the_most_likely_permutation(task, glimpses):
     x, _ = make_batch(task, 5, 3, torch.Generator().manual_seed(2))
     perms = torch.tensor(list(itertools.permutations(range(5))))
     for b in range(3):
-        best = perms[sequence_log_prob(m, x[b:b + 1], perms).argmax()]
-        assert solve(m, x[b:b + 1], beam_size=len(perms))[0].tolist() == best.tolist()
+        scores = sequence_log_prob(m, x[b:b + 1], perms)
+        got = solve(m, x[b:b + 1], beam_size=len(perms))[0]
+        assert sorted(got.tolist()) == list(range(5))
+        # by score, not by index: the untrained model's top two permutations can lie a few ulps apart
+        # (2.9e-6 here), closer than a batched and a step-by-step forward may agree on another CPU
+        assert float(sequence_log_prob(m, x[b:b + 1], got[None])[0]) >= float(scores.max()) - 1e-5
 
 
 def test_full_width_beam_finds_the_most_likely_simple_polygon():

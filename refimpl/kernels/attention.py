@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from refimpl.kernels.common import FLOAT_DTYPES, check_device, check_launch, interpreted, mma
+
+MAX_HEAD_DIM = 128  # larger head dims would need smaller query/key tiles to fit shared memory
 
 
 @triton.jit
@@ -45,6 +47,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     H, T, S, D, sm_scale, causal_offset,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -57,8 +60,7 @@ def _attn_fwd_kernel(
 
     q_ptrs = (Q + b * stride_qb + h * stride_qh
               + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd)
-    # fp32 before tl.dot: the interpreter gets low-precision dots wrong
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < T) & d_ok[None, :], other=0.0).to(tl.float32)
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < T) & d_ok[None, :], other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
@@ -73,10 +75,10 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                     mask=(cols[None, :] < S) & d_ok[:, None], other=0.0).to(tl.float32)
+                     mask=(cols[None, :] < S) & d_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=(cols[:, None] < S) & d_ok[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, kt, input_precision="ieee") * sm_scale
+                    mask=(cols[:, None] < S) & d_ok[None, :], other=0.0)
+        s = mma(q, kt, IEEE) * sm_scale
         visible = cols[None, :] < S
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
@@ -88,7 +90,7 @@ def _attn_fwd_kernel(
         p = tl.exp(s - m_shift[:, None])
         alpha = tl.exp(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + mma(p, v, IEEE)
         m_i = m_new
 
     # l = 0 only where no key was visible: there O = 0 and LSE = -inf
@@ -103,31 +105,45 @@ def _attn_fwd_kernel(
 def flash_attention(q, k, v, causal=False, sm_scale=None, causal_offset=None):
     """softmax(sm_scale q k^T + mask) v with the Triton kernel; returns (out, lse).
 
-    q [B, H, T, D], k and v [B, H, S, D]; out [B, H, T, D] in q's dtype, lse [B, H, T]
-    in fp32. With ``causal``, key j is visible to query i iff j <= i + causal_offset
-    (default S - T). ``causal_offset`` is ignored without ``causal``.
+    q [B, H, T, D], k and v [B, H, S, D] with D <= 128; out [B, H, T, D] in q's dtype, lse
+    [B, H, T] in fp32. With ``causal``, key j is visible to query i iff j <= i + causal_offset
+    (default S - T). ``causal_offset`` is ignored without ``causal``. On a GPU the two matrix
+    products run on tensor cores in q's dtype (TF32 for fp32) with fp32 accumulation.
     """
     T, S, sm_scale, causal_offset = _check_inputs(q, k, v, sm_scale, causal_offset)
-    if not q.is_cuda and isinstance(_attn_fwd_kernel, triton.runtime.JITFunction):
-        raise ValueError(f"q is on {q.device}: the Triton kernel needs CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before refimpl.kernels.attention is imported")
     B, H, _, D = q.shape
+    config = launch_config(D, q.dtype)
+    check_launch(grid_yz=[("B * H", B * H)], q=q, k=k, v=v)
+    check_device(q, "q", _attn_fwd_kernel)
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    BLOCK_M = max(16, min(64, triton.next_power_of_2(T)))
-    BLOCK_N = max(16, min(64, triton.next_power_of_2(S)))
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    grid = (triton.cdiv(T, BLOCK_M), B * H)
+    grid = (triton.cdiv(T, config["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, T, S, D, sm_scale, causal_offset,
-        CAUSAL=bool(causal), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        num_warps=4 if BLOCK_D <= 64 else 8,
+        CAUSAL=bool(causal), IEEE=interpreted(_attn_fwd_kernel), **config,
     )
     return out, lse
+
+
+def launch_config(D, dtype):
+    """Block sizes and warps for head dim D <= 128 (also those of ``refimpl.kernels.packing``).
+
+    64 x 64 tiles of queries and keys, but 32 x 32 for fp32 at D > 64: fp32 tiles take twice the
+    bytes, and 64-key K and V tiles in Triton's three pipeline stages would need 178 KiB of
+    shared memory on sm_80, over an A100's 163 KiB. Tiles over 8 KiB get 8 warps, not 4, or
+    ptxas spills registers. ``refimpl.kernels.aot`` measures both on a CPU.
+    """
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"the head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
+    BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
+    block = 32 if dtype == torch.float32 and BLOCK_D > 64 else 64
+    tile_bytes = block * BLOCK_D * dtype.itemsize
+    return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": BLOCK_D,
+            "num_warps": 8 if tile_bytes > 8192 else 4}
 
 
 def attention_reference(q, k, v, causal=False, sm_scale=None, causal_offset=None):
@@ -149,7 +165,7 @@ def _check_inputs(q, k, v, sm_scale, causal_offset):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a 4-D tensor [B, H, T or S, D], got {got}")
-    if q.dtype not in SUPPORTED_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q.dtype must be float32, float16 or bfloat16, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from refimpl.kernels.attention import launch_config
+from refimpl.kernels.common import FLOAT_DTYPES, check_device, check_launch, interpreted, mma
 from refimpl.packing import _check_varlen
 
 
@@ -35,6 +37,7 @@ def _varlen_fwd_kernel(
     stride_on, stride_oh, stride_od,
     D, sm_scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
@@ -48,7 +51,7 @@ def _varlen_fwd_kernel(
     m_ok = offs_m < length  # blocks past a short sequence's end do nothing
 
     q = tl.load(Q + (start + offs_m[:, None]) * stride_qn + h * stride_qh + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -60,10 +63,10 @@ def _varlen_fwd_kernel(
         cols = start_n + offs_n
         n_ok = cols < length
         kt = tl.load(K + (start + cols[None, :]) * stride_kn + h * stride_kh + offs_d[:, None] * stride_kd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0).to(tl.float32)
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(V + (start + cols[:, None]) * stride_vn + h * stride_vh + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, kt, input_precision="ieee") * sm_scale
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = mma(q, kt, IEEE) * sm_scale
         visible = n_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None])
@@ -73,7 +76,7 @@ def _varlen_fwd_kernel(
         p = tl.exp(s - m_shift[:, None])
         alpha = tl.exp(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + mma(p, v, IEEE)
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -82,27 +85,23 @@ def _varlen_fwd_kernel(
 
 
 def varlen_flash_attention(q, k, v, cu_seqlens, causal=True, sm_scale=None):
-    """Triton version of ``refimpl.packing.varlen_attention``: q, k, v [N, H, D], cu_seqlens int32 (n+1,)."""
+    """Triton version of ``refimpl.packing.varlen_attention``: q, k, v [N, H, D] (D <= 128),
+    cu_seqlens int32 (n+1,) with 0 = cu[0] < cu[1] < ... < cu[n] = N."""
     _check_varlen(q, k, v, cu_seqlens)
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q.dtype must be float32, float16 or bfloat16, got {q.dtype}")
-    if not q.is_cuda and isinstance(_varlen_fwd_kernel, triton.runtime.JITFunction):
-        raise ValueError(f"q is on {q.device}: the Triton kernel needs CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before refimpl.kernels.packing is imported")
     N, H, D = q.shape
+    config = launch_config(D, q.dtype)
+    check_launch(grid_yz=[("the number of sequences", len(cu_seqlens) - 1), ("H", H)], q=q, k=k, v=v)
+    check_device(q, "q", _varlen_fwd_kernel)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     cu = cu_seqlens.to(q.device)
     max_len = int(cu_seqlens.diff().max())
     out = torch.empty_like(q)
-    BLOCK_M = max(16, min(64, triton.next_power_of_2(max_len)))
-    BLOCK_N = BLOCK_M
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    grid = (triton.cdiv(max_len, BLOCK_M), len(cu_seqlens) - 1, H)
+    grid = (triton.cdiv(max_len, config["BLOCK_M"]), len(cu_seqlens) - 1, H)
     _varlen_fwd_kernel[grid](
         q, k, v, out, cu,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        D, sm_scale,
-        CAUSAL=bool(causal), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        num_warps=4 if BLOCK_D <= 64 else 8,
+        D, sm_scale, CAUSAL=bool(causal), IEEE=interpreted(_varlen_fwd_kernel), **config,
     )
     return out

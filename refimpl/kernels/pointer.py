@@ -10,7 +10,8 @@ In plain torch that is an add broadcast to [..., n, H], a tanh, a matrix-vector 
 masked_fill and a log_softmax, each a pass over memory. Here one program per query row
 streams H in blocks of BLOCK_H, accumulating the n scores in fp32 registers, masks the chosen
 positions to -inf, and writes log_softmax(u) in the same pass. BLOCK_N covers the whole row
-(pointer rows are short: n is the number of inputs), so the softmax needs no second pass.
+(pointer rows are short: n is the number of inputs, at most 1024 here), so the softmax needs no
+second pass.
 
 Layouts, both without copies (a broadcast dimension is passed as stride 0):
 - decoding:         keys [B, n, H],    query [B, H],    mask [B, n]     -> [B, n]
@@ -23,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_N = 4096  # one program holds a row's n scores in registers
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from refimpl.kernels.common import FLOAT_DTYPES, check_device, check_launch, check_same_device
+
+MAX_N = 1024  # one program holds a row's n scores in registers
+TILE = 8192  # elements of the [BLOCK_N, BLOCK_H] tile of keys one program holds at a time
 
 
 @triton.jit
@@ -81,7 +84,8 @@ def _check(keys, query, v, mask):
     if n < 1 or H < 1:
         raise ValueError(f"keys needs n >= 1 positions and H >= 1 features, got {tuple(keys.shape)}")
     if n > MAX_N:
-        raise ValueError(f"keys has n={n} positions; the kernel holds a row in one block, n <= {MAX_N}")
+        raise ValueError(f"keys has n={n} positions; the kernel holds a row in one block: n must "
+                         f"be in [1, {MAX_N}]")
     if query.dim() != keys.dim() - 1 or query.shape[-1] != H:
         raise ValueError(f"query must be keys' shape without n, [..., H={H}] with {keys.dim() - 2} "
                          f"leading dims, got {tuple(query.shape)} for keys {tuple(keys.shape)}")
@@ -116,14 +120,14 @@ def pointer_log_probs_triton(keys, query, v, mask=None):
     NaN when every position of a row is masked, this raises a ValueError.
     """
     lead = _check(keys, query, v, mask)
-    if not keys.is_cuda and isinstance(_pointer_kernel, triton.runtime.JITFunction):
-        raise ValueError(f"keys are on {keys.device}: the Triton kernel needs CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before refimpl.kernels.pointer is imported")
+    check_same_device("keys", keys, query=query, v=v, mask=mask)
+    check_device(keys, "keys", _pointer_kernel)
     n, H = keys.shape[-2:]
     lead2 = (1,) * (2 - len(lead)) + lead  # rows indexed by (b, t); broadcast dims get stride 0
     k = keys.expand(*lead, n, H).reshape(*lead2, n, H)
     q = query.expand(*lead, H).reshape(*lead2, H)
     out = torch.empty(*lead2, n, dtype=torch.float32, device=keys.device)
+    check_launch(keys=k, query=q, out=out)
     if out.numel() == 0:
         return out.view(*lead, n)
     B, T = lead2
@@ -132,9 +136,16 @@ def pointer_log_probs_triton(keys, query, v, mask=None):
         mask_strides = m.stride()
     else:
         m, mask_strides = out, (0, 0, 0)  # a dummy pointer, never read
-    BLOCK_N = max(16, triton.next_power_of_2(n))
-    BLOCK_H = max(16, min(64, triton.next_power_of_2(H), 8192 // BLOCK_N))
     _pointer_kernel[(B * T,)](
         k, q, v, m, out, T, n, H, *k.stride(), *q.stride(), v.stride(0), *mask_strides,
-        HAS_MASK=mask is not None, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H)
+        HAS_MASK=mask is not None, **launch_config(n))
     return out.view(*lead, n)
+
+
+def launch_config(n):
+    """Block sizes for rows of n <= 1024 positions: the whole row, and as many features as keep
+    the tile at TILE elements, at most 64; 8 warps past 64 positions, where 4 spill registers
+    (``refimpl.kernels.aot`` measures it)."""
+    BLOCK_N = max(16, triton.next_power_of_2(n))
+    return {"BLOCK_N": BLOCK_N, "BLOCK_H": min(64, TILE // BLOCK_N),
+            "num_warps": 4 if BLOCK_N <= 64 else 8}

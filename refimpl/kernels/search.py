@@ -12,7 +12,8 @@ pass over memory. Here one program per beam row (n, j) makes two passes over the
 
 1. an online log-sum-exp (running max m and normaliser l, as in FlashAttention's softmax),
 2. the candidate scores block by block, keeping each block's k best by k rounds of
-   max / argmax / mask-out, written as [N, Bg, n_blocks, k] values and flat indices.
+   max / argmax / mask-out (a loop, not unrolled: k is not a compile-time constant),
+   written as [N, Bg, n_blocks, k] values and flat indices.
 
 The global top-k per prompt is then a torch.topk over Bg * n_blocks * k survivors instead
 of Bg * V scores (k survivors per block suffice: the global top-k holds at most k of any
@@ -24,12 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
+from refimpl.kernels.common import (FLOAT_DTYPES, MAX_BLOCK, check_block, check_device, check_launch,
+                                    check_same_device)
+
 
 @triton.jit
 def _group_candidates_kernel(
     Logits, Running, Counts, OutVal, OutIdx,
-    stride_lr, stride_cn, Bg, V, n_blocks, penalty,
-    K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_PENALTY: tl.constexpr,
+    stride_lr, stride_cn, Bg, V, n_blocks, penalty, K,
+    BLOCK_V: tl.constexpr, HAS_PENALTY: tl.constexpr,
 ):
     row = tl.program_id(0)              # row = n * Bg + j
     n = row // Bg
@@ -60,7 +64,7 @@ def _group_candidates_kernel(
             s = s - penalty * c
         s = tl.where(ok, s, float("-inf"))
         out = (row * n_blocks + blk) * K
-        for i in tl.static_range(K):
+        for i in range(0, K):
             best = tl.max(s, 0)
             at = tl.argmax(s, 0)
             tl.store(OutVal + out + i, best)
@@ -76,6 +80,8 @@ def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2, b
     if logits.ndim != 3 or running.shape != logits.shape[:2]:
         raise ValueError(f"logits must be [N, Bg, V] and running [N, Bg]; got {tuple(logits.shape)} "
                          f"and {tuple(running.shape)}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"logits.dtype must be float32, float16 or bfloat16, got {logits.dtype}")
     N, Bg, V = logits.shape
     if not isinstance(k, int) or not 1 <= k <= Bg * V:
         raise ValueError(f"k must be an integer in [1, Bg * V = {Bg * V}], got {k!r}")
@@ -83,12 +89,10 @@ def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2, b
         raise ValueError(f"diversity_penalty must be >= 0, got {diversity_penalty!r}")
     if counts is not None and counts.shape != (N, V):
         raise ValueError(f"counts must be [N, V] = [{N}, {V}], got {tuple(counts.shape)}")
-    if not logits.is_cuda and isinstance(_group_candidates_kernel, triton.runtime.JITFunction):
-        raise ValueError(f"logits are on {logits.device}: the Triton kernel needs CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before refimpl.kernels.search is imported")
-    block_v = block_v or max(16, min(1024, triton.next_power_of_2(V)))
-    if block_v < 16 or block_v & (block_v - 1):
-        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    check_same_device("logits", logits, running=running, counts=counts)
+    check_launch(logits=logits)
+    check_device(logits, "logits", _group_candidates_kernel)
+    block_v = check_block("block_v", block_v or launch_config(V)["BLOCK_V"])
     K = min(k, block_v)
     n_blocks = triton.cdiv(V, block_v)
     logits = logits.reshape(N * Bg, V)
@@ -101,6 +105,11 @@ def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2, b
     idx = torch.empty((N, Bg, n_blocks, K), dtype=torch.int64, device=logits.device)
     _group_candidates_kernel[(N * Bg,)](
         logits, running, counts, vals, idx, logits.stride(0), counts.stride(0) if has_penalty else 0,
-        Bg, V, n_blocks, float(diversity_penalty), K=K, BLOCK_V=block_v, HAS_PENALTY=has_penalty)
+        Bg, V, n_blocks, float(diversity_penalty), K, BLOCK_V=block_v, HAS_PENALTY=has_penalty)
     top, pos = vals.view(N, -1).topk(k, dim=1)
     return top, idx.view(N, -1).gather(1, pos)
+
+
+def launch_config(V):
+    """The default vocabulary block: all of V up to MAX_BLOCK lanes, at least 16."""
+    return {"BLOCK_V": max(16, min(MAX_BLOCK, triton.next_power_of_2(V)))}

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from refimpl.kernels.common import FLOAT_DTYPES, check_block, check_device, check_launch, check_same_device
+
 
 @triton.jit
 def _verify_kernel(Tok, Q, P, U, Vu, N_out, Next_out, G, V,
@@ -68,12 +70,21 @@ def _verify_kernel(Tok, Q, P, U, Vu, N_out, Next_out, G, V,
 
 
 def _check(draft_tokens, q, p, u, v):
-    B, g = draft_tokens.shape
-    if g < 1 or q.shape[:2] != (B, g) or p.shape[:2] != (B, g + 1) or q.shape[2] != p.shape[2]:
+    B, g = draft_tokens.shape if draft_tokens.ndim == 2 else (-1, -1)
+    if g < 1 or q.ndim != 3 or p.ndim != 3 or q.shape[:2] != (B, g) or p.shape[:2] != (B, g + 1) \
+            or q.shape[2] != p.shape[2]:
         raise ValueError(f"need draft_tokens [B, g] (g >= 1), q [B, g, V], p [B, g+1, V]; got "
                          f"{tuple(draft_tokens.shape)}, {tuple(q.shape)}, {tuple(p.shape)}")
     if u.shape != (B, g) or v.shape != (B,):
         raise ValueError(f"u must be [B, g] = [{B}, {g}] and v [B] = [{B}], got {tuple(u.shape)}, {tuple(v.shape)}")
+    if draft_tokens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"draft_tokens must be int32 or int64 token ids, got {draft_tokens.dtype}")
+    V = p.shape[2]
+    # the kernel reads p[b, j, x] and q[b, j, x] at each draft token x: outside [0, V) that is
+    # an illegal memory access on a GPU (the torch gather raises on its own)
+    if draft_tokens.numel() and not bool(((draft_tokens >= 0) & (draft_tokens < V)).all()):
+        raise ValueError(f"draft_tokens must be token ids in [0, V = {V}), got values in "
+                         f"[{int(draft_tokens.min())}, {int(draft_tokens.max())}]")
 
 
 def verify_reference(draft_tokens, q, p, u, v):
@@ -95,10 +106,18 @@ def verify_reference(draft_tokens, q, p, u, v):
 
 
 def verify(draft_tokens, q, p, u, v, block_v: int = 128):
-    """Triton verification: (num_accepted [B], next_token [B]) for uniforms u [B, g] and v [B]."""
+    """Triton verification: (num_accepted [B], next_token [B]) for uniforms u [B, g] and v [B].
+
+    q and p in fp32, fp16 or bf16 (computed in fp32); block_v a power of two in [16, 1024].
+    """
     _check(draft_tokens, q, p, u, v)
-    if block_v < 16 or block_v & (block_v - 1):
-        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    for name, t in (("q", q), ("p", p)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}.dtype must be float32, float16 or bfloat16, got {t.dtype}")
+    check_block("block_v", block_v)
+    check_launch(p=p)
+    check_same_device("p", p, draft_tokens=draft_tokens, q=q, u=u, v=v)
+    check_device(p, "p", _verify_kernel)
     B, g = draft_tokens.shape
     tok = draft_tokens.to(torch.int32).contiguous()
     q, p = q.contiguous(), p.contiguous()
