@@ -38,6 +38,21 @@ def _case(B, g, V, seed, kind):
     return draft, q, p, u, v
 
 
+def on_a_cdf_boundary(q, p, n, v, token, rtol=1e-5):
+    """Whether the inverse-CDF threshold v * mass lies within float rounding of the boundary after
+    ``token``: the one place where two summation orders may rightly pick neighbouring tokens."""
+    w = p[n].double() - (q[n].double() if n < len(q) else 0)
+    w = w.clamp_min(0) if w.clamp_min(0).sum() > 0 else p[n].double()
+    return abs(float(w.cumsum(0)[token]) - v * float(w.sum())) <= rtol * float(w.sum())
+
+
+def test_the_boundary_allowance_is_narrow():
+    p, q = torch.tensor([[0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]), torch.tensor([[0.5, 0.2, 0.3]])
+    # rejected at 0: residual [0, 0.4, 0], mass 0.4; with the bonus row (n = 1) the residual is p itself
+    assert on_a_cdf_boundary(q, p, 1, 0.2, 0) and on_a_cdf_boundary(q, p, 1, 0.4 + 1e-7, 1)
+    assert not on_a_cdf_boundary(q, p, 1, 0.25, 0) and not on_a_cdf_boundary(q, p, 0, 0.5, 1)
+
+
 @pytest.mark.parametrize("V", [17, 65, 200, 333])
 @pytest.mark.parametrize("g", [1, 3, 5])
 @pytest.mark.parametrize("kind", ["random", "p_equals_q", "one_hot_q", "disjoint", "all_accepted"])
@@ -46,7 +61,8 @@ def test_kernel_equals_reference(V, g, kind, kernel_device):
     n_ref, next_ref = verify_reference(draft, q, p, u, v)
     n, nxt = verify(draft, q, p, u, v, block_v=64)
     assert torch.equal(n, n_ref)
-    assert torch.equal(nxt, next_ref)
+    for r in (nxt != next_ref).nonzero().flatten().tolist():  # fp32 block sums vs torch's cumsum
+        assert on_a_cdf_boundary(q[r], p[r], int(n[r]), float(v[r]), int(min(nxt[r], next_ref[r])))
     if kind == "all_accepted":
         assert (n == g).all()
     if kind == "p_equals_q":
