@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from refimpl.lm import check_int
+
 ASSETS = Path(__file__).parent / "assets"
 CORPUS_PATH = ASSETS / "tinyshakespeare.txt"
 CORPUS_MD5 = "6fb458f1232090904fb40fe944165e91"
@@ -32,6 +34,8 @@ class CharTokenizer:
     """One token per character; the vocabulary is the sorted set of corpus characters."""
 
     def __init__(self, chars: str):
+        if not isinstance(chars, str) or not chars:
+            raise TypeError(f"chars must be a non-empty str, got {chars!r:.80}")
         if len(set(chars)) != len(chars):
             raise ValueError("chars must not repeat a character")
         self.chars = chars
@@ -46,6 +50,8 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         try:
             return [self.stoi[c] for c in text]
         except KeyError as err:
@@ -70,9 +76,18 @@ def splits(tokenizer: CharTokenizer | None = None) -> tuple[torch.Tensor, torch.
     return ids[:n_train], ids[n_train:]
 
 
+def check_batch_args(ids, batch_size: int, block_size: int) -> None:
+    """ValueError naming the argument of ``get_batch`` that is out of range."""
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 1 or ids.is_floating_point():
+        raise ValueError(f"ids must be a 1-D integer tensor of token ids, got {ids!r:.80}")
+    check_int("batch_size", batch_size, 1)
+    check_int("block_size", block_size, 1, len(ids) - 2)
+
+
 def get_batch(ids: torch.Tensor, batch_size: int, block_size: int,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows (x, y) of shape [batch_size, block_size]; y is x shifted by one."""
+    check_batch_args(ids, batch_size, block_size)
     starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=generator)
     offsets = torch.arange(block_size + 1)
     windows = ids[starts[:, None] + offsets]

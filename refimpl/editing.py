@@ -12,11 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from refimpl.data import CharTokenizer
+from refimpl.lm import check_int
 from refimpl.speculative import PromptLookup, speculative_generate
 
 SEP = "$"  # occurs once in the corpus
 END = "\n\n"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def check_text(name, value):
+    """ValueError unless ``value`` is a str."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a str, got {type(value).__name__}")
 
 
 def _randint(n: int, generator: torch.Generator | None) -> int:
@@ -26,7 +33,7 @@ def _randint(n: int, generator: torch.Generator | None) -> int:
 def misspell(word: str, generator: torch.Generator | None = None) -> str:
     """One typo in a word of at least 3 letters: swap two neighbours, drop, double or replace a
     letter (the four kinds of Damerau's 1964 study of spelling errors). Always changes the word."""
-    if len(word) < 3 or not word.isalpha():
+    if not isinstance(word, str) or len(word) < 3 or not word.isalpha():
         raise ValueError(f"word must be at least 3 letters, got {word!r}")
     kind, i = _randint(4, generator), 1 + _randint(len(word) - 2, generator)  # 1 <= i <= len - 2
     if kind == 0 and word[i] != word[i + 1]:
@@ -42,6 +49,8 @@ def misspell(word: str, generator: torch.Generator | None = None) -> str:
 def corrupt(passage: str, num_typos: int, generator: torch.Generator | None = None) -> str:
     """The passage with ``num_typos`` of its words of 3 or more letters misspelt, once each (all of
     them if it has fewer)."""
+    check_text("passage", passage)
+    check_int("num_typos", num_typos, 0)
     words = passage.split(" ")
     candidates = [k for k, w in enumerate(words) if len(w) >= 3 and w.isalpha()]
     for k in torch.randperm(len(candidates), generator=generator)[:num_typos].tolist():
@@ -53,10 +62,11 @@ def sample_passage(text: str, length: int, generator: torch.Generator | None = N
                    start: int | None = None) -> str:
     """About ``length`` characters of ``text`` from the first word start at or after ``start``
     (random if None), cut at a word end."""
-    if not 0 < length < len(text) // 2:
-        raise ValueError(f"length must be in (0, {len(text) // 2}), got {length}")
+    check_text("text", text)
+    check_int("length", length, 1, len(text) // 2 - 1)
     if start is None:
         start = _randint(len(text) - 2 * length, generator)
+    check_int("start", start, 0, len(text) - 1)
     while 0 < start < len(text) and text[start - 1] not in " \n":
         start += 1
     end = min(start + length, len(text))
@@ -70,11 +80,23 @@ def edit_example(passage: str, num_typos: int, generator: torch.Generator | None
     return corrupt(passage, num_typos, generator) + SEP, passage + END
 
 
+def check_batch_args(batch_size, block_size, lengths, max_typos):
+    """ValueError unless batch_size, block_size, max_typos >= 1 and lengths = (lo, hi), 1 <= lo <= hi."""
+    check_int("batch_size", batch_size, 1)
+    check_int("block_size", block_size, 1)
+    check_int("max_typos", max_typos, 1)
+    if not isinstance(lengths, (tuple, list)) or len(lengths) != 2:
+        raise ValueError(f"lengths must be a pair (lo, hi), got {lengths!r}")
+    check_int("lengths[0]", lengths[0], 1)
+    check_int("lengths[1]", lengths[1], lengths[0])
+
+
 def edit_batch(tok: CharTokenizer, text: str, batch_size: int, block_size: int,
                generator: torch.Generator | None = None, lengths=(40, 120), max_typos: int = 4):
     """Windows (x, y) [batch_size, block_size] of examples laid end to end, each window starting
     at an example. y is x shifted by one, set to -100 (ignored by cross-entropy) except where it
     is an answer character: the model learns to write answers, not misspelt passages."""
+    check_batch_args(batch_size, block_size, lengths, max_typos)
     xs, ys = [], []
     for _ in range(batch_size):
         ids, is_answer = [], []
@@ -94,6 +116,7 @@ def edit_batch(tok: CharTokenizer, text: str, batch_size: int, block_size: int,
 def edit_loss(model, tok: CharTokenizer, text: str, block_size: int, num_windows: int = 64,
               seed: int = 0) -> float:
     """Mean cross-entropy (nats/char) on the answers of ``num_windows`` fixed windows of ``text``."""
+    check_int("num_windows", num_windows, 1)
     was_training = model.training
     model.eval()
     x, y = edit_batch(tok, text, num_windows, block_size, torch.Generator().manual_seed(seed))
@@ -105,6 +128,8 @@ def edit_loss(model, tok: CharTokenizer, text: str, block_size: int, num_windows
 def damerau_distance(a: str, b: str) -> int:
     """Edits (insert, delete, replace, swap of neighbours) between two strings: the optimal string
     alignment distance, by dynamic programming."""
+    check_text("a", a)
+    check_text("b", b)
     d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
     for i in range(1, len(a) + 1):
         for j in range(1, len(b) + 1):
@@ -120,6 +145,7 @@ def correction_stats(model, tok: CharTokenizer, text: str, num: int, length: int
     (exact: the model's own greedy answers). Returns the summed edit distances to the correct
     passages of the misspelt inputs and of the answers, how many typos were fixed (the answer's word
     at the typo's place is right) and the mean tokens per target call."""
+    check_int("num", num, 1)
     g = torch.Generator().manual_seed(seed)
     stats = {"passages": num, "distance_input": 0, "distance_answer": 0, "typos": 0, "fixed": 0,
              "tokens_per_call": 0.0}

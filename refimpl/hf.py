@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
-from refimpl.lm import check_forward_args
+from refimpl.lm import check_forward_args, check_int, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,7 @@ class HFCache:
     """
 
     def __init__(self, batch_size: int, dynamic: DynamicCache | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._batch_size = int(batch_size)  # known before the first forward writes any keys
+        self._batch_size = check_int("batch_size", batch_size, 1)  # known before the first forward writes any keys
         self.dynamic = DynamicCache() if dynamic is None else dynamic
 
     def __len__(self) -> int:
@@ -91,9 +89,7 @@ class HFCache:
 
     def crop(self, length: int) -> None:
         """Forget everything after the first ``length`` positions (speculative rollback)."""
-        if not 0 <= length <= len(self):
-            raise ValueError(f"length must be in [0, {len(self)}], got {length}")
-        self.dynamic.crop(length)
+        self.dynamic.crop(check_int("length", length, 0, len(self)))
 
     def reorder(self, index) -> None:
         """Replace row b by row index[b] (beam search); index may repeat rows or change B."""
@@ -109,9 +105,10 @@ class HFCache:
 
     def extract(self, row: int, start: int, length: int) -> "HFCache":
         """A batch-1 cache holding positions start .. start+length-1 of ``row`` (packing)."""
-        if not 0 <= row < self.batch_size:
-            raise ValueError(f"row must be in [0, {self.batch_size}), got {row}")
-        if start < 0 or length < 0 or start + length > len(self):
+        check_int("row", row, 0, self.batch_size - 1)
+        check_int("start", start, 0)
+        check_int("length", length, 0)
+        if start + length > len(self):
             raise ValueError(f"positions [{start}, {start + length}) are not all in the cache "
                              f"of length {len(self)}")
         if length == 0:
@@ -149,6 +146,9 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()
+        if not isinstance(hf_model, nn.Module) or not hasattr(hf_model, "config"):
+            raise TypeError(f"hf_model must be a transformers causal LM (an nn.Module with a config), "
+                            f"got {type(hf_model).__name__}")
         self.hf = hf_model
         self.config = HFConfig.from_hf(hf_model.config)
 
@@ -172,6 +172,7 @@ class HFCausalLM(nn.Module):
             raise TypeError(f"cache must come from empty_cache(), got {type(cache).__name__}")
         B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
                                         self.config.block_size)
+        check_token_ids(input_ids, self.config.vocab_size)
         # Always explicit: OPT derives positions from the attention mask when given none, which
         # fails for a 4-D mask; counting on from the cache is what every family does by default.
         if position_ids is None:

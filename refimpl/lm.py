@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,8 +43,41 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """Return ``value`` if it is an integer in [low, high] (no upper bound if None); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low \
+            or (high is not None and value > high):
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {span}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value, low: float = -math.inf, high: float = math.inf) -> float:
+    """Return ``value`` if it is a real number in [low, high] (so not NaN); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+        raise ValueError(f"{name} must be a real number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def check_mask_size(T: int, S: int) -> None:
+    """ValueError unless 1 <= T <= S: T new queries cannot follow fewer than T keys."""
+    check_int("S", S, 1)
+    check_int("T", T, 1, S)
+
+
+def check_attention_args(q, k, v, backend: str) -> None:
+    """ValueError for ``attention``: a known backend, q [B, H, T, D] and k, v [B, H, S, D], T <= S."""
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTN_BACKENDS}, got {backend!r}")
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] + q.shape[3:] != k.shape[:2] + k.shape[3:] \
+            or q.shape[2] > k.shape[2]:
+        raise ValueError(f"q must be [B, H, T, D] and k, v [B, H, S, D] with T <= S, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+
+
 def causal_mask(T: int, S: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Additive [T, S] mask for T new queries that follow S - T cached keys."""
+    check_mask_size(T, S)
     allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
     return additive_mask(allowed, dtype)
 
@@ -64,6 +98,7 @@ def attention(q, k, v, attn_mask=None, backend="sdpa"):
     With ``attn_mask=None`` the mask is causal and bottom-right aligned: query i
     sees keys 0 .. S - T + i (the new tokens come after the cached ones).
     """
+    check_attention_args(q, k, v, backend)
     T, S = q.shape[-2], k.shape[-2]
     if backend == "triton":
         if attn_mask is not None:
@@ -90,6 +125,8 @@ def check_forward_args(input_ids, position_ids, attn_mask, cache, block_size: in
 
     Shared by ``TinyGPT`` and ``hf.HFCausalLM`` so both refuse the same bad input.
     """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be an integer tensor [B, T], got {type(input_ids).__name__}")
     if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} "
                          f"of shape {tuple(input_ids.shape)}")
@@ -115,6 +152,28 @@ def check_forward_args(input_ids, position_ids, attn_mask, cache, block_size: in
     return B, T, past
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError unless every id is in [0, vocab_size): an embedding lookup would raise IndexError.
+
+    One ``aminmax`` pass, so it is cheap enough for every decoding step.
+    """
+    if not input_ids.numel():  # a batch of no rows (every sequence finished) holds no ids
+        return
+    lo, hi = torch.aminmax(input_ids)
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"input_ids must hold token ids in [0, vocab_size={vocab_size}), got values "
+                         f"in [{int(lo)}, {int(hi)}]")
+
+
+def check_config(config: GPTConfig) -> None:
+    """ValueError naming the first field of ``config`` out of range."""
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        check_int(f"config.{name}", getattr(config, name), 1)
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    check_real("config.dropout", config.dropout, 0.0, 1.0)
+
+
 class KVCache:
     """Keys and values of every layer, preallocated to the context length.
 
@@ -124,6 +183,9 @@ class KVCache:
     """
 
     def __init__(self, n_layer, batch_size, n_head, head_dim, capacity, device=None):
+        for name, size in (("n_layer", n_layer), ("batch_size", batch_size), ("n_head", n_head),
+                           ("head_dim", head_dim), ("capacity", capacity)):
+            check_int(name, size, 1)
         self.shape = (n_layer, batch_size, n_head, capacity, head_dim)
         self.device = device
         self.k = self.v = None  # allocated on first write, in the keys' dtype
@@ -142,6 +204,11 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's k, v [B, H, T, D] for ``layer``; return all keys and values so far."""
+        check_int("layer", layer, 0, self.shape[0] - 1)
+        if k.shape != v.shape or k.shape[:2] + k.shape[3:] != self.shape[1:3] + self.shape[4:]:
+            raise ValueError(f"k and v must be [B, H, T, D] = [{self.batch_size}, {self.shape[2]}, T, "
+                             f"{self.shape[4]}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        check_int("T (new positions)", k.shape[2], 0, self.capacity - self.length)
         if self.k is None:
             self.k = k.new_empty(self.shape)
             self.v = v.new_empty(self.shape)
@@ -151,13 +218,12 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, num_tokens: int) -> None:
+        check_int("num_tokens", num_tokens, 0, self.capacity - self.length)
         self.length += num_tokens
 
     def crop(self, length: int) -> None:
         """Forget everything after the first ``length`` positions (speculative rollback)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"length must be in [0, {self.length}], got {length}")
-        self.length = length
+        self.length = check_int("length", length, 0, self.length)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Replace row b by row index[b] (beam search); index may repeat rows or change B."""
@@ -177,9 +243,10 @@ class KVCache:
 
     def extract(self, row: int, start: int, length: int) -> "KVCache":
         """A batch-1 cache holding positions start .. start+length-1 of ``row`` (packing)."""
-        if not 0 <= row < self.batch_size:
-            raise ValueError(f"row must be in [0, {self.batch_size}), got {row}")
-        if start < 0 or length < 0 or start + length > self.length:
+        check_int("row", row, 0, self.batch_size - 1)
+        check_int("start", start, 0)
+        check_int("length", length, 0)
+        if start + length > self.length:
             raise ValueError(f"positions [{start}, {start + length}) are not all in the cache "
                              f"of length {self.length}")
         out = KVCache(self.shape[0], 1, self.shape[2], self.shape[4], self.capacity, self.device)
@@ -202,6 +269,8 @@ class KVCache:
         """Concatenate caches of equal length along the batch (inverse of ``split``)."""
         if not caches:
             raise ValueError("caches must not be empty")
+        if not all(isinstance(c, KVCache) for c in caches):
+            raise TypeError("caches must all be KVCache objects")
         first = caches[0]
         if any(len(c) != len(first) or c.shape[0] != first.shape[0] or c.shape[2:] != first.shape[2:]
                for c in caches):
@@ -255,8 +324,7 @@ class Block(nn.Module):
 class TinyGPT(nn.Module):
     def __init__(self, config: GPTConfig, attn_backend: str = "sdpa"):
         super().__init__()
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        check_config(config)
         self.config = config
         self.attn_backend = attn_backend
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
@@ -289,14 +357,18 @@ class TinyGPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def empty_cache(self, batch_size: int) -> KVCache:
+        check_int("batch_size", batch_size, 1)
         c = self.config
         return KVCache(c.n_layer, batch_size, c.n_head, c.head_dim, c.block_size,
                        self.tok_emb.weight.device)
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, last_only=False):
         """Logits [B, T, V] (or [B, 1, V] for the last position only, with ``last_only``)."""
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must come from empty_cache(), got {type(cache).__name__}")
         B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
                                         self.config.block_size)
+        check_token_ids(input_ids, self.config.vocab_size)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
@@ -324,10 +396,12 @@ def save(model: TinyGPT, path: Path, base: str | None = None, **record) -> None:
 
 def load(name: str, attn_backend: str = "sdpa") -> TinyGPT:
     """Load a committed checkpoint by name ("target", "draft") or by path."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str (a checkpoint name or a path ending in .pt), got "
+                        f"{type(name).__name__}")
     path = Path(name) if name.endswith(".pt") else CHECKPOINTS / f"{name}.pt"
     if not path.exists():
-        known = sorted(p.stem for p in CHECKPOINTS.glob("*.pt"))
-        raise ValueError(f"no checkpoint {name!r}; known: {known}")
+        raise ValueError(f"no checkpoint {name!r}; known: {known_checkpoints()}")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     model = TinyGPT(GPTConfig(**blob["config"]), attn_backend=attn_backend)
     state = blob["state_dict"]
@@ -337,9 +411,28 @@ def load(name: str, attn_backend: str = "sdpa") -> TinyGPT:
     return model.eval()
 
 
+def known_checkpoints() -> list[str]:
+    """Names of the committed checkpoints (``refimpl/assets/*.pt``)."""
+    return sorted(p.stem for p in CHECKPOINTS.glob("*.pt"))
+
+
 def record(name: str) -> dict:
     """The JSON written beside a checkpoint: config, steps, seconds, losses, curve."""
-    return json.loads((CHECKPOINTS / f"{name}.json").read_text())
+    path = CHECKPOINTS / f"{name}.json"
+    if not path.exists():
+        raise ValueError(f"no checkpoint record {name!r}; known: {known_checkpoints()}")
+    return json.loads(path.read_text())
+
+
+def check_generate_args(model, input_ids, max_new_tokens, temperature) -> None:
+    """ValueError naming the argument of ``generate`` that is out of range."""
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_real("temperature", temperature, 0.0)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids!r:.80}")
+    if input_ids.shape[1] + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds block_size={model.config.block_size}")
 
 
 @torch.no_grad()
@@ -350,13 +443,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0,
     With ``use_cache=False`` every step re-runs the whole prefix: the baseline
     that shows what the KV cache saves.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if input_ids.shape[1] + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds block_size={model.config.block_size}")
+    check_generate_args(model, input_ids, max_new_tokens, temperature)
     cache = model.empty_cache(input_ids.shape[0]) if use_cache else None
     out, step_input = input_ids, input_ids
     for _ in range(max_new_tokens):

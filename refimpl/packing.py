@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from refimpl.lm import KVCache, additive_mask
+from refimpl.lm import KVCache, additive_mask, check_int
 
 ALGORITHMS = ("ffd", "bfd")
 
@@ -28,12 +28,10 @@ ALGORITHMS = ("ffd", "bfd")
 # ---------------------------------------------------------------- bin packing
 
 def _check_lengths(lengths, capacity):
-    lengths = [int(n) for n in lengths]
+    lengths = [check_int(f"lengths[{i}]", n, 1) for i, n in enumerate(lengths)]
     if not lengths:
         raise ValueError("lengths must not be empty")
-    if capacity is None or int(capacity) < 1:
-        raise ValueError(f"capacity must be an int >= 1, got {capacity}")
-    capacity = int(capacity)
+    capacity = check_int("capacity", capacity, 1)
     for i, n in enumerate(lengths):
         if not 1 <= n <= capacity:
             raise ValueError(f"lengths[{i}] = {n} must be in [1, capacity={capacity}]")
@@ -79,6 +77,7 @@ def lower_bound(lengths, capacity: int) -> int:
 def optimal_bins(lengths, capacity: int, max_items: int = 10) -> int:
     """The fewest bins, by exhaustive search (every item into every open bin or a new one)."""
     lengths, capacity = _check_lengths(lengths, capacity)
+    check_int("max_items", max_items, 0)
     if len(lengths) > max_items:
         raise ValueError(f"exhaustive search is for at most max_items={max_items} items, got {len(lengths)}")
     items = sorted(lengths, reverse=True)
@@ -130,7 +129,15 @@ class Packed:
         return sum(p.length for p in self.placements) / self.input_ids.numel()
 
 
-def _as_prompts(prompts, max_length=None, name="prompts"):
+def check_prompt_ids(name, ids, vocab_size=None):
+    """ValueError unless every token id of the 1-D tensor ``ids`` is in [0, vocab_size) (or >= 0)."""
+    lo, hi = torch.aminmax(ids)
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        raise ValueError(f"{name} must hold token ids in [0, {vocab_size or 'inf'}), "
+                         f"got values in [{int(lo)}, {int(hi)}]")
+
+
+def _as_prompts(prompts, max_length=None, name="prompts", vocab_size=None):
     if isinstance(prompts, torch.Tensor) or not len(prompts):
         raise ValueError(f"{name} must be a non-empty list of token lists / 1-D integer tensors")
     out = []
@@ -141,12 +148,21 @@ def _as_prompts(prompts, max_length=None, name="prompts"):
         if max_length is not None and t.numel() > max_length:
             raise ValueError(f"{name}[{i}] has {t.numel()} tokens, more than the model's "
                              f"context block_size={max_length}")
+        check_prompt_ids(f"{name}[{i}]", t, vocab_size)
         out.append(t.long())
     return out
 
 
+def check_segment_ids(segment_ids):
+    """ValueError unless segment_ids is an integer tensor [..., L] with L >= 1."""
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.ndim < 1 or segment_ids.shape[-1] < 1 \
+            or segment_ids.is_floating_point() or segment_ids.dtype == torch.bool:
+        raise ValueError(f"segment_ids must be an integer tensor [..., L] with L >= 1, got {segment_ids!r}")
+
+
 def block_causal_allowed(segment_ids: torch.Tensor) -> torch.Tensor:
     """Boolean [..., L, L]: query i sees key j iff same prompt and j <= i (a pad slot sees itself)."""
+    check_segment_ids(segment_ids)
     L = segment_ids.shape[-1]
     same = segment_ids[..., :, None] == segment_ids[..., None, :]
     causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()
@@ -166,6 +182,7 @@ def pack_prompts(prompts, capacity=None, algorithm="ffd", pad_id=0) -> Packed:
         raise ValueError(f"capacity={capacity} is shorter than the longest prompt ({max(lengths)} tokens)")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    check_int("pad_id", pad_id, 0)
     bins = (first_fit_decreasing if algorithm == "ffd" else best_fit_decreasing)(lengths, capacity)
     L = max(sum(lengths[i] for i in b) for b in bins)
     device = prompts[0].device
@@ -189,10 +206,12 @@ def pack_prompts(prompts, capacity=None, algorithm="ffd", pad_id=0) -> Packed:
 
 def unpack(packed: Packed, values: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per prompt (input order), its slots of ``values`` [R, L, ...] (default: the token ids)."""
+    if not isinstance(packed, Packed):
+        raise ValueError(f"packed must be a Packed (from pack_prompts), got {type(packed).__name__}")
     values = packed.input_ids if values is None else values
-    if values.shape[:2] != packed.input_ids.shape:
-        raise ValueError(f"values must start with the packed shape {tuple(packed.input_ids.shape)}, "
-                         f"got {tuple(values.shape)}")
+    if not isinstance(values, torch.Tensor) or values.shape[:2] != packed.input_ids.shape:
+        raise ValueError(f"values must be a tensor starting with the packed shape "
+                         f"{tuple(packed.input_ids.shape)}, got {getattr(values, 'shape', values)!r}")
     return [values[p.row, p.start:p.start + p.length] for p in packed.placements]
 
 
@@ -201,7 +220,7 @@ def unpack(packed: Packed, values: torch.Tensor | None = None) -> list[torch.Ten
 @torch.no_grad()
 def packed_prefill(model, prompts, capacity=None, algorithm="ffd"):
     """One forward over the packed rows; returns (last_logits [n, V], one batch-1 cache per prompt)."""
-    prompts = _as_prompts(prompts, model.config.block_size)
+    prompts = _as_prompts(prompts, model.config.block_size, vocab_size=model.config.vocab_size)
     if capacity is not None and not isinstance(capacity, bool) and isinstance(capacity, int) \
             and capacity > model.config.block_size:
         raise ValueError(f"capacity must be in [1, block_size={model.config.block_size}], got {capacity}")
@@ -213,10 +232,17 @@ def packed_prefill(model, prompts, capacity=None, algorithm="ffd"):
     return last, [cache.extract(p.row, p.start, p.length) for p in packed.placements]
 
 
+def check_pad_cache(cache, length):
+    """ValueError unless ``cache`` holds one row and ``length`` is an int >= len(cache)."""
+    if getattr(cache, "batch_size", None) != 1:
+        raise ValueError(f"cache must be a batch-1 KV cache, got batch_size "
+                         f"{getattr(cache, 'batch_size', type(cache).__name__)}")
+    check_int("length", length, len(cache))
+
+
 def pad_cache(cache, length: int):
     """A copy of a batch-1 cache stretched to ``length`` positions with zeros (to be masked out)."""
-    if length < len(cache):
-        raise ValueError(f"length must be >= len(cache) = {len(cache)}, got {length}")
+    check_pad_cache(cache, length)
     if isinstance(cache, KVCache):
         out = cache.extract(0, 0, len(cache))  # positions past the length are zeros
         out.length = length
@@ -239,7 +265,7 @@ def generate_packed(model, prompts, max_new_tokens: int, capacity=None) -> list[
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    prompts = _as_prompts(prompts, model.config.block_size)
+    prompts = _as_prompts(prompts, model.config.block_size, vocab_size=model.config.vocab_size)
     lengths = torch.tensor([len(p) for p in prompts], device=prompts[0].device)
     P = int(lengths.max())
     if P + max_new_tokens > model.config.block_size:
@@ -296,7 +322,9 @@ def padding_free_prefill(model, prompts, attention=varlen_attention):
     from refimpl.lm import TinyGPT
     if not isinstance(model, TinyGPT):
         raise ValueError(f"model must be a refimpl.lm.TinyGPT, got {type(model).__name__}")
-    prompts = _as_prompts(prompts, model.config.block_size)
+    if not callable(attention):
+        raise ValueError(f"attention must be a callable (q, k, v, cu_seqlens) -> out, got {attention!r}")
+    prompts = _as_prompts(prompts, model.config.block_size, vocab_size=model.config.vocab_size)
     ids = torch.cat(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=ids.device)
     cu = torch.cat([torch.zeros(1, dtype=torch.int32, device=ids.device), lengths.cumsum(0).int()])

@@ -28,7 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from refimpl.lm import check_int
+
 TASKS = ("sort", "hull", "tsp")
+INPUT_ORDERS = ("random", "angle")
+OUTPUT_ORDERS = ("canonical", "random")
 ASSETS = Path(__file__).parent / "assets" / "pointer"
 MAX_HELD_KARP_N = 12
 TEST_SEED = 20_000  # evaluation instances; training pools use seeds below 10_000
@@ -50,16 +54,55 @@ def check_points(points, *, dim: int = 2, min_n: int = 3, name: str = "points") 
     return points
 
 
+def check_tour(tour, points=None) -> None:
+    """ValueError unless ``tour`` [B, n] holds one permutation of 0..n-1 per row (each city once),
+    with ``points`` [B, n, d] when given."""
+    if not isinstance(tour, torch.Tensor) or tour.dim() != 2 or tour.is_floating_point():
+        raise ValueError(f"tour must be an integer tensor [B, n], got {tour!r:.80}")
+    if points is not None and (not isinstance(points, torch.Tensor) or points.dim() != 3
+                               or points.shape[:2] != tour.shape):
+        raise ValueError(f"points must be [B, n, d] with [B, n] = {tuple(tour.shape)} (the tour's "
+                         f"shape), got {tuple(getattr(points, 'shape', ()))}")
+    n = tour.shape[1]
+    if not torch.equal(tour.sort(1).values, torch.arange(n, device=tour.device).expand_as(tour)):
+        raise ValueError(f"tour rows must be permutations of 0..{n - 1}: every city exactly once")
+
+
+def check_indices(points, polygon) -> torch.Tensor:
+    """``polygon`` as a LongTensor of indices into ``points`` [n, 2], or a ValueError."""
+    n = len(points)
+    polygon = torch.as_tensor(polygon)
+    if polygon.dim() != 1 or polygon.is_floating_point() or (
+            polygon.numel() and not 0 <= int(polygon.min()) <= int(polygon.max()) < n):
+        raise ValueError(f"polygon must be a 1-D sequence of point indices in [0, {n}), got "
+                         f"{polygon.tolist()!r:.80}")
+    return polygon.long()
+
+
+def check_task_args(task: str, n: int, batch_size: int, input_order: str, output_order: str) -> None:
+    """ValueError naming the argument of ``make_batch`` that is out of range or unknown."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_int("n", n, 1 if task == "sort" else 3)
+    check_int("batch_size", batch_size, 1)
+    if input_order not in INPUT_ORDERS:
+        raise ValueError(f"input_order must be one of {INPUT_ORDERS}, got {input_order!r}")
+    if output_order not in OUTPUT_ORDERS:
+        raise ValueError(f"output_order must be one of {OUTPUT_ORDERS}, got {output_order!r}")
+
+
 # ----------------------------------------------------------------------------- TSP: exact labels
 
 def tour_length(points: torch.Tensor, tour: torch.Tensor) -> torch.Tensor:
     """Length of each closed tour [B] (the edge back to the start included)."""
+    check_tour(tour, points)
     ordered = points.gather(1, tour.long()[..., None].expand(-1, -1, points.shape[-1]))
     return (ordered - ordered.roll(-1, dims=1)).norm(dim=-1).sum(-1)
 
 
 def canonical_tour(tour: torch.Tensor) -> torch.Tensor:
     """Rotate each tour [B, n] to start at city 0 and orient it so that tour[1] < tour[-1]."""
+    check_tour(tour)
     start = (tour == 0).long().argmax(1, keepdim=True)
     n = tour.shape[1]
     rotated = tour.gather(1, (start + torch.arange(n)) % n)
@@ -151,7 +194,7 @@ def convex_hull(points) -> torch.Tensor | list[torch.Tensor]:
 
 def polygon_area(points: torch.Tensor, polygon) -> float:
     """Shoelace area of the polygon visiting ``points[polygon]`` in order (absolute value)."""
-    p = points[torch.as_tensor(polygon).long()].double()
+    p = points[check_indices(points, polygon)].double()
     return 0.5 * abs(float((p[:, 0] * p[:, 1].roll(-1) - p[:, 1] * p[:, 0].roll(-1)).sum()))
 
 
@@ -175,7 +218,7 @@ def edge_crosses(points, path, new) -> bool:
 
 def is_simple_polygon(points, polygon) -> bool:
     """A closed polygon is simple: >= 3 distinct vertices and no two non-adjacent edges cross."""
-    polygon = [int(i) for i in polygon]
+    polygon = check_indices(points, polygon).tolist()
     if len(polygon) < 3 or len(set(polygon)) != len(polygon):
         return False
     points = torch.as_tensor(points).double().tolist()
@@ -199,6 +242,7 @@ IGNORE = -100
 
 def angle_order(points: torch.Tensor) -> torch.Tensor:
     """Permutation [B, n] sorting each instance's points by angle around their centroid."""
+    points = check_points(points, min_n=1)
     centred = points - points.mean(1, keepdim=True)
     return torch.atan2(centred[..., 1], centred[..., 0]).argsort(1)
 
@@ -211,14 +255,13 @@ def make_batch(task: str, n: int, batch_size: int, generator: torch.Generator,
     ``input_order='angle'`` feeds hull points sorted by angle; ``output_order='random'``
     shuffles each hull's vertices (Order Matters, section 5).
     """
+    check_task_args(task, n, batch_size, input_order, output_order)
     if task == "sort":
         x = torch.rand(batch_size, n, 1, generator=generator)
         return x, x[..., 0].argsort(1)
     points = torch.rand(batch_size, n, 2, generator=generator)
     if task == "tsp":
         return points, held_karp(points)[1]
-    if task != "hull":
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if input_order == "angle":
         points = points.gather(1, angle_order(points)[..., None].expand(-1, -1, 2))
     hulls = convex_hull(points)
@@ -239,6 +282,8 @@ class TSPPool:
     """
 
     def __init__(self, n: int, size: int, seed: int, chunk: int = 2048, progress: bool = True):
+        check_int("size", size, 1)
+        check_int("chunk", chunk, 1)
         g = torch.Generator().manual_seed(seed)
         self.points = torch.rand(size, n, 2, generator=g)
         self.tours = torch.cat([held_karp(self.points[i:i + chunk])[1] for i in
@@ -246,6 +291,7 @@ class TSPPool:
                                      disable=not progress)])
 
     def sample(self, batch_size: int, generator: torch.Generator):
+        check_int("batch_size", batch_size, 1)
         size, n, _ = self.points.shape
         idx = torch.randint(size, (batch_size,), generator=generator)
         points, tours = self.points[idx].clone(), self.tours[idx]
@@ -275,6 +321,58 @@ class PointerConfig:
         return 1 if self.task == "sort" else 2
 
 
+def check_pointer_config(config: "PointerConfig") -> None:
+    """ValueError naming the first field of a ``PointerConfig`` that is out of range."""
+    if config.task not in TASKS:
+        raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+    if config.encoder not in ("lstm", "rpw"):
+        raise ValueError(f"config.encoder must be 'lstm' or 'rpw', got {config.encoder!r}")
+    check_int("config.hidden", config.hidden, 1)
+    check_int("config.process_steps", config.process_steps, 0)
+    check_int("config.glimpses", config.glimpses, 0)
+
+
+def check_pointer_args(keys, query, v, mask=None) -> None:
+    """TypeError/ValueError for ``pointer_log_probs``: float keys [..., n, H], query [..., H] and
+    v [H] that broadcast, a bool mask [..., n] that leaves every row a position to choose."""
+    for name, t in (("keys", keys), ("query", query), ("v", v)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if keys.dim() < 2 or v.dim() != 1 or query.dim() < 1 or not keys.shape[-1] == query.shape[-1] == len(v):
+        raise ValueError(f"keys [..., n, H], query [..., H] and v [H] must share H; got "
+                         f"{tuple(keys.shape)}, {tuple(query.shape)} and {tuple(v.shape)}")
+    try:
+        rows = torch.broadcast_shapes(keys.shape[:-2], query.shape[:-1]) + keys.shape[-2:-1]
+    except RuntimeError:
+        raise ValueError(f"query {tuple(query.shape)} does not broadcast with keys "
+                         f"{tuple(keys.shape)} (leading dims)") from None
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = may not be chosen), got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    try:
+        mask = mask.expand(rows)
+    except RuntimeError:
+        raise ValueError(f"mask must broadcast to [..., n] = {tuple(rows)}, got {tuple(mask.shape)}") from None
+    if mask.all(-1).any():
+        raise ValueError("mask forbids every position of a row: its log-softmax would be NaN")
+
+
+def check_targets(model: "PointerNet", x, targets) -> None:
+    """ValueError for teacher forcing: x [B, n, input_dim] and targets [B, T] of slots in
+    [0, slots) or IGNORE (hull: slot 0 is the stop token)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != model.config.input_dim:
+        raise ValueError(f"x must be [B, n, {model.config.input_dim}], got {tuple(getattr(x, 'shape', ()))}")
+    slots = x.shape[1] + model.has_stop
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2 or targets.is_floating_point() \
+            or targets.shape[0] != x.shape[0] or targets.shape[1] < 1:
+        raise ValueError(f"targets must be an integer tensor [B={x.shape[0]}, T >= 1], got "
+                         f"{tuple(getattr(targets, 'shape', ()))}")
+    if ((targets != IGNORE) & ((targets < 0) | (targets >= slots))).any():
+        raise ValueError(f"targets must hold slots in [0, {slots}) or IGNORE={IGNORE}")
+
+
 def pointer_log_probs(keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """log softmax_j(u_j), u_j = v^T tanh(keys_j + query) (Pointer Networks, eq. 3).
@@ -282,6 +380,7 @@ def pointer_log_probs(keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor,
     keys [..., n, H] (= W1 e_j), query [..., H] (= W2 d_i), v [H]; mask [..., n] is True
     where a position may not be chosen (its log-probability is -inf).
     """
+    check_pointer_args(keys, query, v, mask)
     u = torch.tanh(keys + query[..., None, :]) @ v
     if mask is not None:
         u = u.masked_fill(mask, -math.inf)
@@ -293,10 +392,7 @@ class PointerNet(nn.Module):
 
     def __init__(self, config: PointerConfig):
         super().__init__()
-        if config.task not in TASKS:
-            raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
-        if config.encoder not in ("lstm", "rpw"):
-            raise ValueError(f"config.encoder must be 'lstm' or 'rpw', got {config.encoder!r}")
+        check_pointer_config(config)
         self.config = config
         H = config.hidden
         self.read = nn.Sequential(nn.Linear(config.input_dim, H), nn.ReLU(), nn.Linear(H, H))
@@ -355,6 +451,7 @@ class PointerNet(nn.Module):
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: log-probs [B, T, slots] of every step given the true prefix."""
+        check_targets(self, x, targets)
         keys, inputs, state = self.encode(x)
         B, T = targets.shape
         prev = targets[:, :-1].clamp(min=0)
@@ -457,6 +554,8 @@ def evaluate(task: str, model: PointerNet, n: int, num_instances: int = 1000, se
     """
     if task != model.config.task:
         raise ValueError(f"task={task!r} but the model was trained for {model.config.task!r}")
+    check_int("n", n, 1 if task == "sort" else 3)
+    check_int("num_instances", num_instances, 1)
     g = torch.Generator().manual_seed(seed + n)
     if task == "tsp":
         x = torch.rand(num_instances, n, 2, generator=g)
@@ -534,6 +633,19 @@ class TrainConfig:
     eval_instances: int = 500
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """ValueError naming the first field of a ``TrainConfig`` that is out of range."""
+    check_int("n", cfg.n, 1 if cfg.task == "sort" else 3)
+    if cfg.n_max is not None:
+        check_int("n_max", cfg.n_max, cfg.n)
+    for name in ("steps", "batch_size", "eval_every", "eval_instances", "pool_size"):
+        check_int(name, getattr(cfg, name), 1)
+    if not 0 < cfg.min_lr <= cfg.lr:
+        raise ValueError(f"lr and min_lr must satisfy 0 < min_lr <= lr, got lr={cfg.lr!r}, "
+                         f"min_lr={cfg.min_lr!r}")
+    check_task_args(cfg.task, cfg.n, cfg.batch_size, cfg.input_order, cfg.output_order)
+
+
 def _validation(task: str, model: PointerNet, n: int, cfg: TrainConfig) -> dict:
     """Greedy metrics on held-out instances (seed 10_000, disjoint from training and test)."""
     data = {} if task != "hull" else {"input_order": cfg.input_order}
@@ -545,6 +657,7 @@ def _validation(task: str, model: PointerNet, n: int, cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig, progress: bool = True) -> tuple[PointerNet, dict]:
     """Teacher-forced NLL with Adam, cosine learning-rate decay and gradient clipping at 2."""
+    check_train_config(cfg)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     sizes = list(range(cfg.n, (cfg.n_max or cfg.n) + 1))
@@ -599,9 +712,8 @@ def load(task: str, n, variant: str = "", path: Path | None = None) -> PointerNe
     name = checkpoint_name(task, n, variant)
     path = path or ASSETS / f"{name}.pt"
     if not Path(path).exists():
-        known = sorted(p.stem for p in ASSETS.glob("*.pt"))
         raise ValueError(f"no checkpoint {name!r} (task={task!r}, n={n!r}, variant={variant!r}); "
-                         f"committed: {known}")
+                         f"committed: {committed('pt')}")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     model = PointerNet(PointerConfig(**blob["config"]))
     model.load_state_dict({k: v.float() for k, v in blob["state"].items()})
@@ -610,7 +722,16 @@ def load(task: str, n, variant: str = "", path: Path | None = None) -> PointerNe
 
 def record_of(task: str, n, variant: str = "") -> dict:
     """The JSON written beside a checkpoint (training command, curve, evaluations)."""
-    return json.loads((ASSETS / f"{checkpoint_name(task, n, variant)}.json").read_text())
+    path = ASSETS / f"{checkpoint_name(task, n, variant)}.json"
+    if not path.exists():
+        raise ValueError(f"no record {path.stem!r} (task={task!r}, n={n!r}, variant={variant!r}); "
+                         f"committed: {committed('json')}")
+    return json.loads(path.read_text())
+
+
+def committed(suffix: str) -> list[str]:
+    """Stems of the committed ``refimpl/assets/pointer/*.{suffix}`` files."""
+    return sorted(p.stem for p in ASSETS.glob(f"*.{suffix}"))
 
 
 def main(argv=None) -> None:

@@ -22,14 +22,64 @@ of Milakov & Gimelshein 2018, FlashAttention Algorithm 1 lines 9-12):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+from refimpl.lm import check_int, check_real
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 SCHEMES = ("ring", "allgather", "ulysses")
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PHASES = ("forward", "backward")
+
+
+def _shape(t):
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_partials(out_a, lse_a, out_b, lse_b):
+    """ValueError unless out_a, out_b are tensors [..., T, D] of one shape and lse_a, lse_b [..., T]."""
+    for name, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor) or t.ndim < (2 if name.startswith("out") else 1):
+            raise ValueError(f"{name} must be a tensor ({'[..., T, D]' if name.startswith('out') else '[..., T]'}), "
+                             f"got {_shape(t)}")
+    if out_b.shape != out_a.shape:
+        raise ValueError(f"out_b.shape {_shape(out_b)} must equal out_a.shape {_shape(out_a)}")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.shape != out_a.shape[:-1]:
+            raise ValueError(f"{name}.shape {_shape(t)} must be out_a.shape[:-1] = {_shape(out_a)[:-1]}")
+
+
+def check_blocks(q, k, v, sm_scale, causal_offset):
+    """ValueError unless q [..., T, D], k [..., S, D], v [..., S, Dv] fit, sm_scale is a finite real
+    number and causal_offset is None or an int."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim < 2:
+            raise ValueError(f"{name} must be a tensor [..., rows, head_dim], got {_shape(t)}")
+    if k.shape[-1] != q.shape[-1] or k.shape[:-2] != q.shape[:-2]:
+        raise ValueError(f"k.shape {_shape(k)} must match q.shape {_shape(q)} except in the key rows")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v.shape {_shape(v)} must match k.shape {_shape(k)} except in the last dim")
+    check_real("sm_scale", sm_scale, -math.inf, math.inf)
+    if causal_offset is not None:
+        check_offset("causal_offset", causal_offset)
+
+
+def check_offset(name, offset):
+    """ValueError unless ``offset`` is an int (of any sign)."""
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {offset!r}")
+
+
+def check_block_grads(q, v, dout, lse, delta):
+    """ValueError unless dout is [..., T, Dv] and lse, delta are [..., T] for the query rows of q."""
+    want = {"dout": q.shape[:-1] + v.shape[-1:], "lse": q.shape[:-1], "delta": q.shape[:-1]}
+    for name, t in (("dout", dout), ("lse", lse), ("delta", delta)):
+        if not isinstance(t, torch.Tensor) or t.shape != want[name]:
+            raise ValueError(f"{name} must be a tensor of shape {tuple(want[name])}, got {_shape(t)}")
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
@@ -38,6 +88,7 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     out_a, out_b [..., T, D], lse_a, lse_b [..., T]. Subtracting the larger lse before exp keeps
     it stable; a row empty in both (lse -inf) stays out 0, lse -inf, with no NaN.
     """
+    check_partials(out_a, lse_a, out_b, lse_b)
     m = torch.maximum(lse_a, lse_b)
     m = m.masked_fill(m == float("-inf"), 0.0)
     wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
@@ -54,6 +105,7 @@ def block_attention(q, k, v, *, sm_scale, causal_offset=None):
     Returns (out, lse). With ``causal_offset`` key j is visible to query i iff
     j <= i + causal_offset; None means no mask. A row that sees no key gets out 0, lse -inf.
     """
+    check_blocks(q, k, v, sm_scale, causal_offset)
     s = (q.float() @ k.float().transpose(-2, -1)) * sm_scale
     if causal_offset is not None:
         i = torch.arange(q.shape[-2], device=q.device)[:, None]
@@ -71,6 +123,8 @@ def block_attention_backward(q, k, v, dout, lse, delta, *, sm_scale, causal_offs
     (FlashAttention-2, Algorithm 2): dV = P^T dO, dS = P * (dO V^T - delta),
     dQ = s dS K, dK = s dS^T Q. Returns (dq, dk, dv) in fp32.
     """
+    check_blocks(q, k, v, sm_scale, causal_offset)
+    check_block_grads(q, v, dout, lse, delta)
     s = (q.float() @ k.float().transpose(-2, -1)) * sm_scale
     if causal_offset is not None:
         i = torch.arange(q.shape[-2], device=q.device)[:, None]
@@ -89,6 +143,7 @@ def blockwise_attention(q, k, v, *, block_size, causal=False, sm_scale=None):
     The memory-saving step of Blockwise Parallel Transformers (Liu & Abbeel 2023): scores
     never exceed [T, block_size]. Returns out in q's dtype.
     """
+    check_int("block_size", block_size, 1)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
@@ -100,12 +155,43 @@ def blockwise_attention(q, k, v, *, block_size, causal=False, sm_scale=None):
     return out.to(q.dtype)
 
 
+def check_segment(seg):
+    """ValueError unless seg has start >= 0, length >= 1 and stride >= 1 (all ints)."""
+    check_int("start", seg.start, 0)
+    check_int("length", seg.length, 1)
+    check_int("stride", seg.stride, 1)
+
+
+def check_segments(name, segs):
+    """ValueError unless ``segs`` is a non-empty list of ``Segment``s of one stride."""
+    fields = ("start", "length", "stride")  # duck-typed: a notebook defines its own Segment
+    if not isinstance(segs, (list, tuple)) or not segs or not all(hasattr(s, f) for s in segs for f in fields):
+        raise ValueError(f"{name} must be a non-empty list of Segment, got {segs!r}")
+    if len({s.stride for s in segs}) > 1:
+        raise ValueError(f"{name} must share one stride, got strides {[s.stride for s in segs]}")
+
+
+def check_shard_args(seq_len, world_size, layout, name="seq_len"):
+    """ValueError unless ``layout`` is known and cuts ``seq_len`` into equal parts for ``world_size``."""
+    check_int("world_size", world_size, 1)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    parts = 2 * world_size if layout == "zigzag" else world_size
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1 or seq_len % parts:
+        raise ValueError(f"{name} = {seq_len!r} must be a positive multiple of "
+                         f"{parts} ({'2 * ' if layout == 'zigzag' else ''}world_size) "
+                         f"for layout {layout!r}")
+
+
 @dataclass(frozen=True)
 class Segment:
     """Global positions start, start + stride, ..., start + (length - 1) * stride."""
     start: int
     length: int
     stride: int = 1
+
+    def __post_init__(self):
+        check_segment(self)
 
     def positions(self) -> torch.Tensor:
         return torch.arange(self.start, self.start + self.length * self.stride, self.stride)
@@ -118,6 +204,7 @@ def shard_segments(seq_len: int, world_size: int, layout: str) -> list[list[Segm
     rank gets one early and one late chunk, so causal work balances). striped: rank r holds
     positions r, r + P, r + 2P, ... (Brandon et al. 2023, Striped Attention).
     """
+    check_shard_args(seq_len, world_size, layout)
     P = world_size
     if layout == "contiguous":
         c = seq_len // P
@@ -125,12 +212,11 @@ def shard_segments(seq_len: int, world_size: int, layout: str) -> list[list[Segm
     if layout == "zigzag":
         c = seq_len // (2 * P)
         return [[Segment(r * c, c), Segment((2 * P - 1 - r) * c, c)] for r in range(P)]
-    if layout == "striped":
-        return [[Segment(r, seq_len // P, P)] for r in range(P)]
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return [[Segment(r, seq_len // P, P)] for r in range(P)]  # striped
 
 
 def positions_of(segments: list[Segment]) -> torch.Tensor:
+    check_segments("segments", segments)
     return torch.cat([s.positions() for s in segments])
 
 
@@ -139,11 +225,15 @@ def pair_offset(q_seg: Segment, k_seg: Segment) -> int:
 
     Query a + i*st sees key b + j*st iff j <= i + (a - b) / st, i.e. j <= i + floor((a - b) / st).
     """
+    check_segments("[q_seg, k_seg]", [q_seg, k_seg])
     return (q_seg.start - k_seg.start) // q_seg.stride
 
 
 def visible_pairs(offset: int, tq: int, tk: int) -> int:
     """Number of (query, key) pairs with j <= i + offset in a tq x tk block (the work)."""
+    check_offset("offset", offset)
+    check_int("tq", tq, 0)
+    check_int("tk", tk, 0)
     return int(torch.arange(offset + 1, offset + 1 + tq).clamp(0, tk).sum())
 
 
@@ -151,6 +241,8 @@ def visible_tiles(q_segs, k_segs, causal):
     """Yield (a, b, rows, cols, offset, n) for every pair (query segment a, key segment b) with
     a visible key: rows and cols slice the local shards, offset is the pair's causal offset
     (None without causal), n the number of visible (query, key) pairs."""
+    check_segments("q_segs", q_segs)
+    check_segments("k_segs", k_segs)
     qi = 0
     for a, qs in enumerate(q_segs):
         ki = 0
@@ -163,6 +255,17 @@ def visible_tiles(q_segs, k_segs, causal):
         qi += qs.length
 
 
+def check_shard_inputs(q, k, v, q_segs, k_segs):
+    """ValueError unless q holds the rows of ``q_segs`` and k, v those of ``k_segs`` ([..., rows, D])."""
+    check_segments("q_segs", q_segs)
+    check_segments("k_segs", k_segs)
+    for name, t, segs in (("q", q, q_segs), ("k", k, k_segs), ("v", v, k_segs)):
+        rows = sum(s.length for s in segs)
+        if not isinstance(t, torch.Tensor) or t.ndim < 2 or t.shape[-2] != rows:
+            raise ValueError(f"{name} must be a tensor [..., {rows}, D] (the rows of its segments), "
+                             f"got {_shape(t)}")
+
+
 def attend_shard(q, k, v, q_segs, k_segs, *, causal, sm_scale, block_fn=block_attention):
     """One device, one ring step: its query shard against the visiting key/value shard.
 
@@ -171,6 +274,7 @@ def attend_shard(q, k, v, q_segs, k_segs, *, causal, sm_scale, block_fn=block_at
     Returns (out fp32, lse, work, tiles): work = visible (query, key) pairs, tiles = the pairs
     computed as (q segment index, k segment index, visible pairs).
     """
+    check_shard_inputs(q, k, v, q_segs, k_segs)
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
     work, tiles = 0, []
@@ -183,6 +287,13 @@ def attend_shard(q, k, v, q_segs, k_segs, *, causal, sm_scale, block_fn=block_at
         work += n
         tiles.append((a, b, n))
     return out, lse, work, tiles
+
+
+def check_trace_query(trace, world_size, phase):
+    """ValueError unless world_size covers every rank that sent and phase is None or a known phase."""
+    check_int("world_size", world_size, 1 + max((m.sender for m in trace.messages), default=0))
+    if phase is not None and phase not in PHASES:
+        raise ValueError(f"phase must be None or one of {PHASES}, got {phase!r}")
 
 
 @dataclass
@@ -206,6 +317,7 @@ class RingTrace:
 
     def bytes_sent(self, world_size, phase=None) -> list[int]:
         """Bytes each rank sent (in ``phase``, or in all phases)."""
+        check_trace_query(self, world_size, phase)
         sent = [0] * world_size
         for m in self.messages:
             if phase is None or m.phase == phase:
@@ -253,10 +365,22 @@ def _block_fn(backend):
     return ring_block_attention
 
 
+def check_ring_shards(shards, segs, **per_rank):
+    """ValueError unless shards is a non-empty list of (q, k, v), one per rank, and segs and every
+    list in ``per_rank`` (outs, lses, douts) have one entry per rank."""
+    if not isinstance(shards, (list, tuple)) or not shards or not all(len(s) == 3 for s in shards):
+        raise ValueError("shards must be a non-empty list of (q, k, v), one per rank")
+    for name, value in (("segs", segs), *per_rank.items()):
+        if not isinstance(value, (list, tuple)) or len(value) != len(shards):
+            raise ValueError(f"{name} must be a list with one entry per rank ({len(shards)}), "
+                             f"got {type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}")
+
+
 def ring_forward(shards, segs, *, causal, sm_scale, backend, trace):
     """Forward ring: P steps; at step t rank r attends to the K/V of rank (r - t) mod P, then
     passes it to rank r + 1 (the send overlaps the compute, so a receive buffer is live).
     ``shards`` is [(q, k, v)] per rank. Returns [(out fp32, lse)] per rank."""
+    check_ring_shards(shards, segs)
     P = len(shards)
     mem = [_Memory() for _ in range(P)]
     block_fn = _block_fn(backend)
@@ -301,6 +425,7 @@ def ring_backward(shards, outs, lses, douts, segs, *, causal, sm_scale, trace):
     """Backward ring: K, V travel with their fp32 gradient accumulators dK, dV; each rank adds
     its queries' contribution using the global lse saved by the forward, accumulates its own
     dQ locally, and after P steps one last hop brings dK, dV home. Returns [(dq, dk, dv)]."""
+    check_ring_shards(shards, segs, outs=outs, lses=lses, douts=douts)
     P = len(shards)
     mem = [_Memory() for _ in range(P)]
     dqs, deltas = [], []
@@ -373,13 +498,7 @@ def _check_qkv(q, k, v, world_size):
 def check_ring_args(q, k, v, world_size, layout):
     """ValueError naming the argument unless q, k, v [B, H, N, D] can be sharded ``layout``-wise."""
     _check_qkv(q, k, v, world_size)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    n, parts = q.shape[2], (2 * world_size if layout == "zigzag" else world_size)
-    if n == 0 or n % parts:
-        raise ValueError(f"sequence length N = {n} must be a positive multiple of "
-                         f"{parts} ({'2 * ' if layout == 'zigzag' else ''}world_size) "
-                         f"for layout {layout!r}")
+    check_shard_args(q.shape[2], world_size, layout, name="sequence length N")
 
 
 class _RingAttention(torch.autograd.Function):
@@ -427,7 +546,7 @@ def ring_attention(q, k, v, *, world_size, causal=False, layout="contiguous", sm
     check_ring_args(q, k, v, world_size, layout)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else check_real("sm_scale", sm_scale)
     trace = RingTrace() if trace is None else trace
     return _RingAttention.apply(q, k, v, world_size, bool(causal), layout, sm_scale, backend, trace)
 
@@ -443,7 +562,7 @@ def ulysses_attention(q, k, v, *, world_size, causal=False, sm_scale=None, trace
         raise ValueError(f"heads H = {H} must be divisible by world_size = {P} for Ulysses")
     if N == 0 or N % P:
         raise ValueError(f"sequence length N = {N} must be a positive multiple of world_size = {P}")
-    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else check_real("sm_scale", sm_scale)
     trace = RingTrace() if trace is None else trace
     c, hp = N // P, H // P
     mem = [_Memory() for _ in range(P)]
@@ -494,6 +613,8 @@ def comm_volume(scheme, *, seq_len, world_size, heads, head_dim, batch=1,
     P = world_size
     if seq_len % P:
         raise ValueError(f"seq_len = {seq_len} must be a multiple of world_size = {P}")
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
     e = torch.empty(0, dtype=dtype).element_size()
     block = batch * heads * (seq_len // P) * head_dim  # elements of one K (or V) shard
     if scheme == "ulysses":

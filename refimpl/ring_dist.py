@@ -22,9 +22,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from refimpl.lm import check_real
 from refimpl.ring import (attend_shard, block_attention, block_attention_backward,
                           merge_partials, shard_segments, positions_of, visible_tiles,
-                          LAYOUTS)
+                          FLOAT_DTYPES, LAYOUTS)
 
 DEFAULT_TIMEOUT = timedelta(seconds=60)
 
@@ -56,14 +57,23 @@ def local_segments(seq_len, layout, group=None):
     return shard_segments(seq_len, dist.get_world_size(group), layout)
 
 
+def check_4d(name, x):
+    """ValueError unless ``x`` is a 4-D tensor [B, H, N, D]."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a 4-D tensor [B, H, N, D], got {got}")
+
+
 def shard(x, layout, group=None):
     """This rank's shard of a full [B, H, N, D] tensor (every rank holds the full one)."""
+    check_4d("x", x)
     segs = local_segments(x.shape[2], layout, group)[dist.get_rank(group)]
     return x[:, :, positions_of(segs).to(x.device)].contiguous()
 
 
 def unshard(x_local, layout, group=None):
     """All-gather the shards and put every position back in order: [B, H, N, D] on every rank."""
+    check_4d("x_local", x_local)
     size = dist.get_world_size(group)
     parts = [torch.empty_like(x_local) for _ in range(size)]
     dist.all_gather(parts, x_local.contiguous(), group=group)
@@ -142,13 +152,21 @@ class _RingAttentionDist(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
-def _check_local(q, k, v, layout, group):
+def _check_local(q, k, v, layout, group, timeout=DEFAULT_TIMEOUT, stats=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             raise ValueError(f"{name} must be a 4-D local shard [B, H, N/P, D]")
         if t.shape != q.shape or t.dtype != q.dtype:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)} and dtype {q.dtype}, "
                              f"got {tuple(t.shape)} {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.dtype not in FLOAT_DTYPES or q.shape[2] < 1:
+        raise ValueError(f"q must be a non-empty shard of dtype in {FLOAT_DTYPES}, got {q.dtype} {tuple(q.shape)}")
+    if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
+        raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
+    if stats is not None and not isinstance(stats, dict):
+        raise ValueError(f"stats must be None or a dict, got {type(stats).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "zigzag" and q.shape[2] % 2:
@@ -160,8 +178,8 @@ def ring_attention_dist(q, k, v, *, causal=False, layout="contiguous", sm_scale=
     """Ring attention of this rank's shard q, k, v [B, H, N/P, D] (positions as ``shard`` gives
     them for ``layout``); returns this rank's output shard. Differentiable: the backward runs
     the backward ring. ``stats`` (a dict) accumulates the bytes this rank sent."""
-    _check_local(q, k, v, layout, group)
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    _check_local(q, k, v, layout, group, timeout, stats)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else check_real("sm_scale", sm_scale)
     return _RingAttentionDist.apply(q, k, v, bool(causal), layout, sm_scale, group, timeout, stats)
 
 
@@ -196,11 +214,11 @@ def ulysses_attention_dist(q, k, v, *, causal=False, sm_scale=None, group=None,
                            timeout=DEFAULT_TIMEOUT, stats=None):
     """DeepSpeed-Ulysses on this rank's contiguous shard q, k, v [B, H, N/P, D]: all-to-all to
     [B, H/P, N, D], attention over the whole sequence for H/P heads, all-to-all back."""
-    _check_local(q, k, v, "contiguous", group)
+    _check_local(q, k, v, "contiguous", group, timeout, stats)
     size = dist.get_world_size(group)
     if q.shape[1] % size:
         raise ValueError(f"heads H = {q.shape[1]} must be divisible by world_size = {size}")
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else check_real("sm_scale", sm_scale)
     qh, kh, vh = (_AllToAll.apply(x, 1, 2, group, timeout, stats) for x in (q, k, v))
     out, _ = block_attention(qh, kh, vh, sm_scale=sm_scale, causal_offset=0 if causal else None)
     return _AllToAll.apply(out.to(q.dtype), 2, 1, group, timeout, stats)

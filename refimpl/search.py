@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from refimpl.lm import additive_mask
+from refimpl.lm import additive_mask, check_int, check_real
 
 EARLY_STOPPING = (True, False, "never")
 
@@ -167,6 +167,38 @@ def greedy_decode(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, 
     return torch.cat(out, 1), logp_sum, length
 
 
+def check_candidate_args(logits, running, counts, diversity_penalty, k) -> None:
+    """ValueError naming the argument of ``group_candidates`` that is out of range."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a float tensor [N, Bg, V], got {tuple(getattr(logits, 'shape', ()))}")
+    N, Bg, V = logits.shape
+    if not isinstance(running, torch.Tensor) or running.shape != (N, Bg):
+        raise ValueError(f"running must be [N, Bg] = [{N}, {Bg}], got {tuple(getattr(running, 'shape', ()))}")
+    if counts is not None and (not isinstance(counts, torch.Tensor) or counts.shape != (N, V)):
+        raise ValueError(f"counts must be None or [N, V] = [{N}, {V}], got {tuple(getattr(counts, 'shape', ()))}")
+    check_real("diversity_penalty", diversity_penalty, 0.0)
+    check_int("k", k, 1, Bg * V)
+
+
+def check_prompt_len(sequences, prompt_len, min_generated: int = 0) -> None:
+    """ValueError unless ``sequences`` is an integer tensor [N, T] and prompt_len is in
+    [1, T - min_generated]."""
+    if not isinstance(sequences, torch.Tensor) or sequences.ndim != 2 or sequences.is_floating_point():
+        raise ValueError(f"sequences must be an integer tensor [N, T], got {sequences!r:.80}")
+    check_int("prompt_len", prompt_len, 1, sequences.shape[1] - min_generated)
+
+
+def check_sequences(sequences, prompt_len, attention_mask) -> None:
+    """``check_prompt_len`` with at least one generated token, and a 0/1 mask [N, prompt_len]."""
+    check_prompt_len(sequences, prompt_len, min_generated=1)
+    shape = (sequences.shape[0], prompt_len)
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != shape
+                                       or not ((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"attention_mask must be None or 0/1 of shape [N, prompt_len] = {list(shape)} "
+                         f"(the prompt's mask), got {attention_mask!r:.80}")
+
+
 def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
     """Top-k continuations of one beam group; logits [N, Bg, V], running scores [N, Bg].
 
@@ -174,6 +206,7 @@ def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
     (Vijayakumar et al. eq. 4: counts [N, V] = how often earlier groups chose each token
     at this step). Returns (scores [N, k], flat indices [N, k] into Bg * V), best first.
     """
+    check_candidate_args(logits, running, counts, diversity_penalty, k)
     N, Bg, V = logits.shape
     logp = torch.log_softmax(logits, dim=-1)
     if counts is not None and diversity_penalty:
@@ -233,6 +266,7 @@ def check_beam_args(num_beams, num_beam_groups, diversity_penalty, num_return_se
 @torch.no_grad()
 def sequence_logprobs(model, sequences, prompt_len, attention_mask=None):
     """log p(token | prefix) [N, T - prompt_len] of every generated token, in one forward pass."""
+    check_sequences(sequences, prompt_len, attention_mask)
     N, T = sequences.shape
     mask = positions = None
     if attention_mask is not None and not attention_mask.all():
@@ -410,6 +444,7 @@ def mean_pairwise_edit_distance(hypotheses: list[list[int]]) -> float:
 
 def strip_generated(sequences: torch.Tensor, prompt_len: int, eos_token_id=None) -> list[list[int]]:
     """Generated tokens of each row, cut after the first EOS (EOS kept)."""
+    check_prompt_len(sequences, prompt_len)
     out = []
     for row in sequences[:, prompt_len:].tolist():
         if eos_token_id is not None and eos_token_id in row:

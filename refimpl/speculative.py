@@ -21,12 +21,137 @@ mask hides the pads and ``position_ids`` count from each row's first real token.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from refimpl.lm import KVCache, TinyGPT, additive_mask, causal_mask
+from refimpl.lm import KVCache, TinyGPT, additive_mask, causal_mask, check_int, check_real
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _shape(t):
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_int_tensor(name, t, ndim):
+    """ValueError unless ``t`` is an integer tensor with ``ndim`` dims."""
+    if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.is_floating_point() or t.is_complex() \
+            or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor with {ndim} dims, got {_shape(t)}")
+
+
+def check_ids_below(name, ids, vocab_size):
+    """ValueError unless every id is in [0, vocab_size): one aminmax (one sync) per call."""
+    if ids.numel():
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must hold token ids in [0, vocab_size={vocab_size}), "
+                             f"got values in [{lo}, {hi}]")
+
+
+def check_distributions(p, q):
+    """ValueError unless p and q are float tensors [..., V] of one shape."""
+    for name, t in (("p", p), ("q", q)):
+        if not isinstance(t, torch.Tensor) or t.ndim < 1 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor [..., V], got {_shape(t)}")
+    if p.shape != q.shape:
+        raise ValueError(f"p.shape {_shape(p)} must equal q.shape {_shape(q)}")
+
+
+def check_accept_args(draft_tokens, q, p):
+    """ValueError unless draft_tokens [B, g] are ids in [0, V) and q is [B, g, V], p [B, g+1, V]."""
+    check_int_tensor("draft_tokens", draft_tokens, 2)
+    B, g = draft_tokens.shape
+    for name, t in (("q", q), ("p", p)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor [B, g{'+1' if name == 'p' else ''}, V], "
+                             f"got {_shape(t)}")
+    if q.shape[:2] != (B, g) or p.shape[:2] != (B, g + 1) or q.shape[2] != p.shape[2]:
+        raise ValueError(f"q must be [B, g, V] and p [B, g+1, V] for draft_tokens [B, g] = [{B}, {g}], "
+                         f"got q {tuple(q.shape)} and p {tuple(p.shape)}")
+    check_ids_below("draft_tokens", draft_tokens, p.shape[2])
+
+
+def check_greedy_args(draft_tokens, logits):
+    """ValueError unless draft_tokens [B, g] are ids in [0, V) and logits is [B, g+1, V]."""
+    check_int_tensor("draft_tokens", draft_tokens, 2)
+    B, g = draft_tokens.shape
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[:2] != (B, g + 1):
+        raise ValueError(f"logits must be [B, g+1, V] = [{B}, {g + 1}, V] for draft_tokens [B, g], "
+                         f"got {_shape(logits)}")
+    check_ids_below("draft_tokens", draft_tokens, logits.shape[2])
+
+
+def check_batch_inputs(pad, past, T):
+    """ValueError unless past >= 0, T >= 1 and pad is None or a 1-D integer tensor in [0, past]."""
+    check_int("past", past, 0)
+    check_int("T", T, 1)
+    if pad is not None:
+        check_int_tensor("pad", pad, 1)
+        check_ids_below("pad", pad, past + 1)
+
+
+def check_realign_args(t, dim, batch_dim, rows, shift, length):
+    """ValueError unless dim and batch_dim are two dims of t, rows and shift 1-D integer tensors of one
+    length and length >= 0 (rows' range is left to ``index_select``: checking it costs a sync)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"t must be a tensor, got {type(t).__name__}")
+    check_int("dim", dim, -t.ndim, t.ndim - 1)
+    check_int("batch_dim", batch_dim, -t.ndim, t.ndim - 1)
+    if dim % t.ndim == batch_dim % t.ndim:
+        raise ValueError(f"dim and batch_dim must differ, got {dim} and {batch_dim} for a {t.ndim}-D t")
+    check_int_tensor("rows", rows, 1)
+    check_int_tensor("shift", shift, 1)
+    if shift.shape != rows.shape:
+        raise ValueError(f"shift.shape {_shape(shift)} must equal rows.shape {_shape(rows)}")
+    check_int("length", length, 0)
+
+
+def check_rollback_args(cache, end, rows, shift):
+    """ValueError unless batch 1 gets an int end >= 0 (no rows, shift) and a batch gets end [B] and
+    rows, shift of one length with rows in [0, B)."""
+    if (rows is None) != (shift is None):
+        raise ValueError("rows and shift must be given together (batch > 1) or both be None (batch 1)")
+    if rows is None:
+        check_int("end", end, 0)
+        return
+    check_int_tensor("end", end, 1)
+    if len(end) != cache.batch_size:
+        raise ValueError(f"end must have one entry per cache row ({cache.batch_size}), got {len(end)}")
+    check_int_tensor("rows", rows, 1)
+    if shift.shape != rows.shape:
+        raise ValueError(f"shift.shape {_shape(shift)} must equal rows.shape {_shape(rows)}")
+    check_ids_below("rows", rows, cache.batch_size)
+
+
+def check_lookup_args(context, g, max_ngram, min_ngram):
+    """ValueError unless context is a 1-D integer tensor, g >= 0 and 1 <= min_ngram <= max_ngram."""
+    check_int_tensor("context", context, 1)
+    check_int("g", g, 0)
+    check_ngram_range(max_ngram, min_ngram)
+
+
+def check_ngram_range(max_ngram, min_ngram):
+    """ValueError unless min_ngram and max_ngram are ints with 1 <= min_ngram <= max_ngram."""
+    if isinstance(min_ngram, bool) or isinstance(max_ngram, bool) or not isinstance(min_ngram, int) \
+            or not isinstance(max_ngram, int) or not 1 <= min_ngram <= max_ngram:
+        raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram!r}, "
+                         f"max_ngram={max_ngram!r}")
+
+
+def check_adaptive_args(drafter, start, min_gamma, max_gamma, grow, shrink):
+    """ValueError unless drafter is a Drafter, 1 <= min_gamma <= start <= max_gamma and grow, shrink >= 0."""
+    if not all(callable(getattr(drafter, m, None)) for m in ("begin", "propose", "rollback")):
+        raise ValueError(f"drafter must be a Drafter (begin, propose, rollback), got {type(drafter).__name__}")
+    for name, value in (("start", start), ("min_gamma", min_gamma), ("max_gamma", max_gamma)):
+        check_int(name, value, 1)
+    if not min_gamma <= start <= max_gamma:
+        raise ValueError(f"need 1 <= min_gamma <= start <= max_gamma, got {min_gamma}, {start}, {max_gamma}")
+    check_int("grow", grow, 0)
+    check_int("shrink", shrink, 0)
 
 
 # ---------------------------------------------------------------- theory
@@ -40,8 +165,7 @@ def expected_tokens_per_call(alpha: float, gamma: int) -> float:
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    check_int("gamma", gamma, 0)
     return float(sum(alpha ** i for i in range(gamma + 1)))
 
 
@@ -50,8 +174,7 @@ def expected_speedup(alpha: float, gamma: int, c: float) -> float:
 
     ``c`` is the cost of one drafter call relative to one target call.
     """
-    if c < 0:
-        raise ValueError(f"c must be >= 0, got {c}")
+    check_real("c", c, 0)
     return expected_tokens_per_call(alpha, gamma) / (gamma * c + 1)
 
 
@@ -61,6 +184,7 @@ def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     A probability by definition, but a float sum: for p == q it can land an ulp above 1, by an
     amount that depends on the CPU's summation order. So the result is clamped to [0, 1].
     """
+    check_distributions(p, q)
     return torch.minimum(p, q).sum(-1).clamp(0, 1)
 
 
@@ -75,10 +199,8 @@ def speculative_accept(draft_tokens: torch.Tensor, q: torch.Tensor, p: torch.Ten
     rejection the next token comes from norm(max(0, p_i - q_i)); if all g are kept, a bonus token
     comes from p_g. Returns (num_accepted [B], next_token [B]).
     """
+    check_accept_args(draft_tokens, q, p)
     B, g = draft_tokens.shape
-    if q.shape[:2] != (B, g) or p.shape[:2] != (B, g + 1) or q.shape[2] != p.shape[2]:
-        raise ValueError(f"q must be [B, g, V] and p [B, g+1, V] for draft_tokens [B, g] = [{B}, {g}], "
-                         f"got q {tuple(q.shape)} and p {tuple(p.shape)}")
     px = p[:, :g].gather(2, draft_tokens[..., None]).squeeze(2)
     qx = q.gather(2, draft_tokens[..., None]).squeeze(2)
     u = torch.rand(B, g, generator=generator, dtype=p.dtype, device=p.device)
@@ -100,6 +222,7 @@ def greedy_accept(draft_tokens: torch.Tensor, logits: torch.Tensor):
 
     The temperature -> 0 limit of ``speculative_accept`` (p and q become one-hot).
     """
+    check_greedy_args(draft_tokens, logits)
     target_tokens = logits.argmax(dim=-1)  # [B, g+1]
     g = draft_tokens.shape[1]
     num_accepted = (draft_tokens == target_tokens[:, :g]).cumprod(dim=1).sum(dim=1)
@@ -114,6 +237,7 @@ def batch_inputs(pad: torch.Tensor | None, past: int, T: int, dtype=torch.float3
     Row b's real tokens start at slot pad[b]; query t sits at slot past + t. ``pad=None``
     (batch 1, nothing to hide) returns (None, None): the model's default causal path.
     """
+    check_batch_inputs(pad, past, T)
     if pad is None:
         return None, None
     slots = torch.arange(past + T, device=pad.device)
@@ -129,6 +253,7 @@ def realign(t: torch.Tensor, dim: int, batch_dim: int, rows: torch.Tensor, shift
     new[b, j] = old[rows[b], j - shift[b]] (shift may be negative); slots read from before 0
     become pads (garbage, later masked).
     """
+    check_realign_args(t, dim, batch_dim, rows, shift, length)
     t = t.index_select(batch_dim, rows)
     src = (torch.arange(length, device=t.device)[None, :] - shift[:, None]).clamp(0, t.shape[dim] - 1)
     view = [1] * t.ndim
@@ -145,6 +270,7 @@ def rollback_cache(cache, end, rows=None, shift=None) -> int:
     min(end[b], len(cache)), moved right by shift[b] (rows not in ``rows`` drop out); the
     common length is the shortest row's, so a row may lose a slot that it then recomputes.
     """
+    check_rollback_args(cache, end, rows, shift)
     if rows is None:
         cache.crop(min(int(end), len(cache)))
         return len(cache)
@@ -228,6 +354,17 @@ def tinygpt_last_logits(model: TinyGPT, input_ids: torch.Tensor, cache: KVCache)
     return F.linear(x, model.lm_head.weight)
 
 
+def check_draft_model(model, stop_below):
+    """ValueError unless model is a callable language model with a config (vocab_size, block_size)
+    and stop_below is None or in [0, 1]."""
+    config = getattr(model, "config", None)
+    if not callable(model) or not hasattr(config, "vocab_size") or not hasattr(config, "block_size"):
+        raise ValueError(f"model must be a language model with config.vocab_size and config.block_size "
+                         f"(a Drafter or e.g. refimpl.lm.TinyGPT), got {type(model).__name__}")
+    if stop_below is not None:
+        check_real("stop_below", stop_below, 0, 1)
+
+
 class DraftModel(Drafter):
     """A small language model drafts autoregressively with its own KV cache.
 
@@ -238,8 +375,7 @@ class DraftModel(Drafter):
     """
 
     def __init__(self, model, stop_below: float | None = None):
-        if stop_below is not None and not 0 <= stop_below <= 1:
-            raise ValueError(f"stop_below must be in [0, 1], got {stop_below}")
+        check_draft_model(model, stop_below)
         self.model, self.stop_below = model, stop_below
         self.vocab_size, self.block_size = model.config.vocab_size, model.config.block_size
         self.cache, self.dtype = None, model_dtype(model)
@@ -274,6 +410,7 @@ class DraftModel(Drafter):
 def lookup_continuation(context: torch.Tensor, g: int, max_ngram: int, min_ngram: int) -> torch.Tensor:
     """Up to ``g`` tokens that followed the latest earlier occurrence of the context's longest
     suffix n-gram (max_ngram >= n >= min_ngram); empty if none occurs (Ge et al., 2022, sec. 3)."""
+    check_lookup_args(context, g, max_ngram, min_ngram)
     N = len(context)
     for n in range(min(max_ngram, N - 1), min_ngram - 1, -1):
         windows = context[:N - 1].unfold(0, n, 1)  # windows that end before the last token
@@ -294,9 +431,7 @@ class PromptLookup(Drafter):
     """
 
     def __init__(self, max_ngram: int = 8, min_ngram: int = 1):
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, "
-                             f"max_ngram={max_ngram}")
+        check_ngram_range(max_ngram, min_ngram)
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def propose(self, seq, length, pad, g, greedy, temperature, generator):
@@ -311,6 +446,29 @@ class PromptLookup(Drafter):
         return out, None
 
 
+def check_ngram_args(ids, vocab_size, order, smoothing):
+    """ValueError unless ids [N >= order] are ids in [0, vocab_size), order >= 2 with
+    vocab_size ** order <= 2**25 and smoothing a finite real >= 0."""
+    check_int("vocab_size", vocab_size, 1)
+    if isinstance(order, bool) or not isinstance(order, int) or order < 2 or vocab_size ** order > 2 ** 25:
+        raise ValueError(f"order must be >= 2 with vocab_size ** order <= 2**25, got order={order!r}, "
+                         f"vocab_size={vocab_size}")
+    check_int_tensor("ids", ids, 1)
+    if len(ids) < order:
+        raise ValueError(f"ids must be a 1-D tensor of at least {order} tokens in [0, {vocab_size})")
+    check_ids_below("ids", ids, vocab_size)
+    check_real("smoothing", smoothing, 0, math.inf)
+
+
+def check_table(probs, vocab_size, order):
+    """ValueError unless probs is a float tensor [vocab_size ** (order - 1), vocab_size]."""
+    check_int("vocab_size", vocab_size, 1)
+    check_int("order", order, 2)
+    want = (vocab_size ** (order - 1), vocab_size)
+    if not isinstance(probs, torch.Tensor) or not probs.is_floating_point() or tuple(probs.shape) != want:
+        raise ValueError(f"probs must be a float tensor of shape {want}, got {_shape(probs)}")
+
+
 class NGramTable(Drafter):
     """An n-gram table from a corpus drafts: after the last order-1 tokens, the likeliest next one.
 
@@ -320,6 +478,7 @@ class NGramTable(Drafter):
     """
 
     def __init__(self, probs: torch.Tensor, vocab_size: int, order: int):
+        check_table(probs, vocab_size, order)
         self.probs, self.vocab_size, self.order = probs, vocab_size, order
         self.best = probs.argmax(dim=-1)
         self.weights = vocab_size ** torch.arange(order - 2, -1, -1, device=probs.device)  # context -> row
@@ -327,11 +486,7 @@ class NGramTable(Drafter):
     @classmethod
     def from_tokens(cls, ids: torch.Tensor, vocab_size: int, order: int = 3, smoothing: float = 0.01):
         """Count (order-1)-token contexts in ``ids`` [N]; add ``smoothing`` to every count."""
-        if order < 2 or vocab_size ** order > 2 ** 25:
-            raise ValueError(f"order must be >= 2 with vocab_size ** order <= 2**25, got order={order}, "
-                             f"vocab_size={vocab_size}")
-        if ids.ndim != 1 or len(ids) < order or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-            raise ValueError(f"ids must be a 1-D tensor of at least {order} tokens in [0, {vocab_size})")
+        check_ngram_args(ids, vocab_size, order, smoothing)
         ids = ids.long()
         probs = torch.full((1, vocab_size), 1.0 / vocab_size, device=ids.device)
         for k in range(1, order):  # context length k; back off to k - 1 where unseen
@@ -344,6 +499,7 @@ class NGramTable(Drafter):
         return cls(probs, vocab_size, order)
 
     def propose(self, seq, length, pad, g, greedy, temperature, generator):
+        check_int("length", length, self.order - 1, seq.shape[1])
         context = seq[:, length - self.order + 1:length]
         tokens, qs = [], []
         for _ in range(g):
@@ -366,8 +522,7 @@ class AdaptiveGamma(Drafter):
 
     def __init__(self, drafter: Drafter, start: int = 4, min_gamma: int = 1, max_gamma: int = 16,
                  grow: int = 2, shrink: int = 1):
-        if not 1 <= min_gamma <= start <= max_gamma:
-            raise ValueError(f"need 1 <= min_gamma <= start <= max_gamma, got {min_gamma}, {start}, {max_gamma}")
+        check_adaptive_args(drafter, start, min_gamma, max_gamma, grow, shrink)
         self.drafter, self.gamma = drafter, start
         self.min_gamma, self.max_gamma, self.grow, self.shrink = min_gamma, max_gamma, grow, shrink
         self.vocab_size, self.block_size = drafter.vocab_size, drafter.block_size
@@ -415,9 +570,9 @@ def _check_generate_args(model, input_ids, max_new_tokens, temperature, greedy):
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 1 \
             or input_ids.is_floating_point():
         raise ValueError("input_ids must be an integer tensor [B, T] with T >= 1")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy and not temperature > 0:
+    check_ids_below("input_ids", input_ids, model.config.vocab_size)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    if not greedy and not check_real("temperature", temperature) > 0:
         raise ValueError(f"temperature must be > 0 when greedy=False, got {temperature}")
     if input_ids.shape[1] + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -459,8 +614,7 @@ def speculative_generate(target, drafter, input_ids, *, max_new_tokens, gamma=4,
     if not isinstance(drafter, Drafter):
         drafter = DraftModel(drafter)
     _check_generate_args(target, input_ids, max_new_tokens, temperature, greedy)
-    if not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
+    check_int("gamma", gamma, 1)
     V = target.config.vocab_size
     if drafter.vocab_size is not None and drafter.vocab_size != V:
         raise ValueError(f"drafter's vocab_size ({drafter.vocab_size}) must equal the target's ({V})")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from refimpl.data import CharTokenizer, get_batch, splits
 from refimpl.editing import edit_batch, edit_loss
-from refimpl.lm import CHECKPOINTS, GPTConfig, TinyGPT, generate, load, save
+from refimpl.lm import CHECKPOINTS, GPTConfig, TinyGPT, check_int, check_real, generate, load, save
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,24 @@ PRESETS = {
 }
 
 
+def check_preset(p: Preset) -> None:
+    """ValueError naming the first field of the preset out of range."""
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "steps"):
+        check_int(name, getattr(p, name), 1)
+    check_int("warmup", p.warmup, 0)
+    check_real("lr", p.lr, 0.0)
+    check_real("min_lr", p.min_lr, 0.0, p.lr)
+    check_real("weight_decay", p.weight_decay, 0.0)
+    check_int("teacher_samples", p.teacher_samples, 0)
+    if p.task not in ("lm", "edit"):
+        raise ValueError(f"task must be 'lm' or 'edit', got {p.task!r}")
+    if p.train_only and not p.init:
+        raise ValueError("train_only needs init: the other parameters would stay random")
+
+
 def lr_at(step: int, p: Preset) -> float:
     """Linear warm-up, then cosine decay from lr to min_lr."""
+    check_int("step", step, 0)
     if step < p.warmup:
         return p.lr * (step + 1) / p.warmup
     progress = (step - p.warmup) / max(1, p.steps - p.warmup)
@@ -71,11 +87,13 @@ def lr_at(step: int, p: Preset) -> float:
 def evaluate(model: TinyGPT, ids: torch.Tensor, block_size: int, max_windows: int | None = None,
              batch_size: int = 64) -> float:
     """Mean cross-entropy (nats/char) over consecutive non-overlapping windows of ``ids``."""
-    was_training = model.training
-    model.eval()
+    check_int("block_size", block_size, 1, min(len(ids) - 1, model.config.block_size))
+    check_int("batch_size", batch_size, 1)
     n = (len(ids) - 1) // block_size
     if max_windows is not None:
-        n = min(n, max_windows)
+        n = min(n, check_int("max_windows", max_windows, 1))
+    was_training = model.training
+    model.eval()
     x = ids[: n * block_size].view(n, block_size)
     y = ids[1: n * block_size + 1].view(n, block_size)
     total = 0.0
@@ -92,6 +110,7 @@ def teacher_log_probs(teacher: TinyGPT, x: torch.Tensor, batch_size: int = 32,
                       progress: bool = True) -> torch.Tensor:
     """The teacher's log-probabilities [N, T, V] at every position of the windows x [N, T]
     (float16, computed once: distillation then costs no more per step than training on labels)."""
+    check_int("batch_size", batch_size, 1)
     teacher.eval()
     logp = torch.empty(*x.shape, teacher.config.vocab_size, dtype=torch.float16)
     for i in tqdm(range(0, len(x), batch_size), desc="teacher log-probs", disable=not progress):
@@ -106,6 +125,9 @@ def teacher_text(teacher: TinyGPT, ids: torch.Tensor, num: int, block_size: int,
     """``num`` windows [num, block_size] written by the teacher after prompts drawn from ``ids``,
     half greedy and half sampled at temperature 1: the text a draft meets when it drafts for
     this teacher (on-policy data, as DistillSpec recommends)."""
+    check_int("num", num, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("prompt_len", prompt_len, 1, min(block_size - 1, len(ids) - 1))
     out, bar = [], tqdm(total=num, desc="teacher text", disable=not progress)
     for temperature, count in ((0.0, num // 2), (1.0, num - num // 2)):
         for i in range(0, count, batch_size):
@@ -119,10 +141,8 @@ def teacher_text(teacher: TinyGPT, ids: torch.Tensor, num: int, block_size: int,
 
 def train(name: str, preset: Preset, out_dir: Path = CHECKPOINTS, eval_every: int = 250,
           progress: bool = True) -> dict:
-    if preset.task not in ("lm", "edit"):
-        raise ValueError(f"task must be 'lm' or 'edit', got {preset.task!r}")
-    if preset.train_only and not preset.init:
-        raise ValueError("train_only needs init: the other parameters would stay random")
+    check_preset(preset)
+    check_int("eval_every", eval_every, 1)
     torch.manual_seed(preset.seed)
     tokenizer = CharTokenizer.from_corpus()
     train_ids, val_ids = splits(tokenizer)

@@ -47,3 +47,22 @@ def test_get_batch_targets_are_shifted_inputs():
     x, y = get_batch(train, 4, 32, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 32)
     assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.arange(10), 2, 9), "block_size must be an int in \\[1, 8\\]"),
+    ((torch.arange(10), 2, 0), "block_size"),
+    ((torch.arange(100), 0, 4), "batch_size"),
+    ((torch.zeros(3, 40, dtype=torch.long), 2, 4), "ids must be a 1-D integer tensor"),
+    ((torch.rand(40), 2, 4), "ids must be a 1-D integer tensor"),
+])
+def test_get_batch_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        get_batch(*args)
+
+
+def test_tokenizer_bad_types():
+    with pytest.raises(TypeError, match="text"):
+        CharTokenizer("ab").encode(["a"])
+    with pytest.raises(TypeError, match="chars"):
+        CharTokenizer(["a", "b"])

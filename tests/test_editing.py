@@ -108,3 +108,30 @@ def test_prompt_lookup_answers_are_the_editors_greedy_answers(tok, val_text, edi
     want = autoregressive_generate(editor, x, max_new_tokens=len(answer), greedy=True)
     got, _ = speculative_generate(editor, PromptLookup(), x, max_new_tokens=len(answer), gamma=8, greedy=True)
     assert torch.equal(got, want)
+
+
+TEXT = "to be or not to be that is the question whether tis nobler in the mind to suffer " * 4
+BAD_CALLS = {
+    "misspell word not str": (lambda tok: misspell(12345), "word"),
+    "corrupt num_typos < 0": (lambda tok: corrupt("the cat sat on the mat", -1), "num_typos"),
+    "corrupt passage not str": (lambda tok: corrupt(["the", "cat"], 1), "passage"),
+    "sample_passage start past the end": (lambda tok: sample_passage(TEXT, 10, start=len(TEXT)), "start"),
+    "sample_passage start < 0": (lambda tok: sample_passage(TEXT, 10, start=-5), "start"),
+    "sample_passage length float": (lambda tok: sample_passage(TEXT, 10.5), "length"),
+    "sample_passage text": (lambda tok: sample_passage(None, 10), "text"),
+    "edit_batch batch_size 0": (lambda tok: edit_batch(tok, TEXT, 0, 64), "batch_size"),
+    "edit_batch block_size 0": (lambda tok: edit_batch(tok, TEXT, 2, 0), "block_size"),
+    "edit_batch lengths reversed": (lambda tok: edit_batch(tok, TEXT, 2, 64, lengths=(40, 20)), r"lengths\[1\]"),
+    "edit_batch lengths one": (lambda tok: edit_batch(tok, TEXT, 2, 64, lengths=(40,)), "lengths"),
+    "edit_batch max_typos 0": (lambda tok: edit_batch(tok, TEXT, 2, 64, max_typos=0), "max_typos"),
+    "edit_loss num_windows 0": (lambda tok: edit_loss(None, tok, TEXT, 64, num_windows=0), "num_windows"),
+    "damerau b not str": (lambda tok: damerau_distance("abc", None), "b must"),
+    "correction_stats num 0": (lambda tok: correction_stats(None, tok, TEXT, 0), "num must"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=str)
+def test_check_functions_name_the_argument(case, tok):
+    call, match = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=match):
+        call(tok)

@@ -229,3 +229,19 @@ def test_bad_input_raises(pair):
             call()
     with pytest.raises(TypeError):
         model(x, cache=object())
+
+
+@torch.no_grad()
+def test_bad_token_ids_and_sizes_name_the_argument(pair):
+    _, model = pair
+    for bad in (torch.tensor([[-1, 2]]), torch.tensor([[2, V]])):
+        with pytest.raises(ValueError, match=f"input_ids must hold token ids in \\[0, vocab_size={V}\\)"):
+            model(bad)
+    cache = model.empty_cache(1)
+    model(ids(1, 3), cache=cache)
+    for call, match in ((lambda: HFCache(1.5), "batch_size"), (lambda: cache.crop(1.5), "length"),
+                        (lambda: cache.extract(0, -1, 1), "start"), (lambda: cache.extract(0, 0, -1), "length must be")):
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(TypeError, match="hf_model"):
+        HFCausalLM(object())

@@ -186,6 +186,27 @@ def test_generate_with_and_without_cache_agree(model):
     (lambda m: m.empty_cache(2).reorder(torch.tensor([], dtype=torch.long)), "index"),
     (lambda m: generate(m, ids(1, 60), 10), "max_new_tokens"),
     (lambda m: setattr(m, "attn_backend", "flash"), "attn_backend"),
+    (lambda m: m(torch.tensor([[-1, 2]])), "input_ids must hold token ids in \\[0, vocab_size=65\\)"),
+    (lambda m: m(torch.tensor([[3, 65]])), "input_ids must hold token ids"),
+    (lambda m: generate(m, ids(1, 4), 3, temperature=float("nan")), "temperature"),
+    (lambda m: generate(m, ids(1, 4), 2.5), "max_new_tokens"),
+    (lambda m: generate(m, [[1, 2]], 2), "input_ids"),
+    (lambda m: lm.record("no_such_checkpoint"), "no checkpoint record"),
+    (lambda m: TinyGPT(GPTConfig(65, 16, 1, 0, 8)), "n_head"),
+    (lambda m: TinyGPT(GPTConfig(0, 16, 1, 1, 8)), "vocab_size"),
+    (lambda m: TinyGPT(GPTConfig(65, 16, 1, 1, 8, dropout=float("nan"))), "dropout"),
+    (lambda m: m.empty_cache(0), "batch_size"),
+    (lambda m: filled_cache(m).crop(0.5), "length must be an int"),
+    (lambda m: m.empty_cache(1).advance(65), "num_tokens"),
+    (lambda m: m.empty_cache(1).update(2, torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8)), "layer"),
+    (lambda m: m.empty_cache(1).update(0, torch.zeros(1, 4, 1, 7), torch.zeros(1, 4, 1, 7)), "k and v"),
+    (lambda m: m.empty_cache(1).update(0, torch.zeros(1, 4, 65, 8), torch.zeros(1, 4, 65, 8)), "new positions"),
+    (lambda m: m.empty_cache(2).extract(0, -1, 1), "start"),
+    (lambda m: causal_mask(5, 3), "T must be an int in \\[1, 3\\]"),
+    (lambda m: causal_mask(2, 0), "S must be"),
+    (lambda m: lm.attention(*torch.zeros(3, 1, 1, 2, 4), backend="flash"), "backend"),
+    (lambda m: lm.attention(torch.zeros(1, 1, 3, 4), *torch.zeros(2, 1, 1, 2, 4)), "T <= S"),
+    (lambda m: lm.attention(torch.zeros(1, 1, 2, 4), *torch.zeros(2, 1, 1, 2, 8)), "q must be"),
 ])
 def test_bad_input_is_a_value_error(model, call, match):
     with pytest.raises(ValueError, match=match):
@@ -197,3 +218,36 @@ def test_cache_that_is_full_refuses_more_tokens(model):
     model(ids(1, 64), cache=cache)
     with pytest.raises(ValueError, match="block_size"):
         model(ids(1, 1), cache=cache)
+
+
+def filled_cache(m):
+    cache = m.empty_cache(1)
+    m(ids(1, 2), cache=cache)
+    return cache
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m([[1, 2]]), "input_ids must be an integer tensor"),
+    (lambda m: m(ids(1, 2), cache=object()), "cache must come from empty_cache"),
+    (lambda m: KVCache.stack([m.empty_cache(1), object()]), "KVCache objects"),
+    (lambda m: lm.load(7), "name must be a str"),
+])
+def test_bad_input_types_are_a_type_error(model, call, match):
+    with pytest.raises(TypeError, match=match):
+        call(model)
+
+
+def test_check_int_and_check_real_accept_what_they_should():
+    import numpy as np
+    assert lm.check_int("n", np.int64(3), 1, 3) == 3
+    assert lm.check_real("x", 2, 0.0) == 2.0
+    for bad in (True, 1.0, "1", 4):
+        with pytest.raises(ValueError, match="n must be an int in \\[1, 3\\]"):
+            lm.check_int("n", bad, 1, 3)
+    for bad in (float("nan"), -1.0, "1", None):
+        with pytest.raises(ValueError, match="x must be a real number"):
+            lm.check_real("x", bad, 0.0)
+
+
+def test_token_id_check_lets_an_empty_batch_through(model):
+    assert model(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 65)

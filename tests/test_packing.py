@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from refimpl import lm
 from refimpl.hf import HFCausalLM
-from refimpl.packing import (best_fit_decreasing, first_fit_decreasing, generate_packed, lower_bound,
-                             optimal_bins, pack_prompts, packed_prefill, padding_free_prefill, unpack,
-                             varlen_attention)
+from refimpl.packing import (best_fit_decreasing, block_causal_allowed, first_fit_decreasing, generate_packed,
+                             lower_bound, optimal_bins, pack_prompts, pad_cache, packed_prefill,
+                             padding_free_prefill, unpack, varlen_attention)
 from tiny_hf import tiny_hf
 
 V, BLOCK, ATOL = 50, 64, 1e-5
@@ -285,3 +285,37 @@ def test_benchmark_paths_agree_and_lengths_stay_in_range():
              "print(peak_bytes(lambda: torch.ones(8 * 2**20).sum()))")
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=True)
     assert int(out.stdout.split()[-1]) >= 30 * 2**20  # a 32 MiB temporary
+
+
+def _cache(batch, length):
+    cache = lm.KVCache(1, batch, 1, 2, 16)
+    cache.update(0, torch.zeros(batch, 1, length, 2), torch.zeros(batch, 1, length, 2))
+    cache.advance(length)
+    return cache
+
+
+# one case per rule of the checks: (call, the argument its error must name)
+BAD_CALLS = {
+    "lengths float": (lambda: first_fit_decreasing([2.5, 3], 4), r"lengths\[0\]"),
+    "capacity float": (lambda: best_fit_decreasing([2, 3], 4.5), "capacity"),
+    "prompt id < 0": (lambda: pack_prompts([torch.tensor([1, -2])]), r"prompts\[0\]"),
+    "prompt id >= vocab": (lambda: packed_prefill(build("tiny"), [torch.tensor([1, V])]), r"prompts\[0\]"),
+    "generate id >= vocab": (lambda: generate_packed(build("tiny"), [torch.tensor([V + 3])], 2), r"prompts\[0\]"),
+    "padding-free id >= vocab": (lambda: padding_free_prefill(build("tiny"), [torch.tensor([V])]), r"prompts\[0\]"),
+    "pad_id < 0": (lambda: pack_prompts(random_prompts([3, 4]), pad_id=-1), "pad_id"),
+    "unpack packed": (lambda: unpack({"input_ids": torch.zeros(1, 2)}), "packed"),
+    "unpack values list": (lambda: unpack(pack_prompts(random_prompts([3])), [[1, 2, 3]]), "values"),
+    "segment_ids float": (lambda: block_causal_allowed(torch.zeros(4)), "segment_ids"),
+    "segment_ids empty": (lambda: block_causal_allowed(torch.zeros(0, dtype=torch.long)), "segment_ids"),
+    "pad_cache batch 2": (lambda: pad_cache(_cache(2, 3), 5), "batch_size"),
+    "pad_cache length float": (lambda: pad_cache(_cache(1, 3), 4.0), "length"),
+    "padding-free attention": (lambda: padding_free_prefill(build("tiny"), random_prompts([3]), "sdpa"),
+                               "attention"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=str)
+def test_check_functions_name_the_argument(case):
+    call, match = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from refimpl.pointer import (STOP, PointerConfig, PointerNet, TSPPool, canonical_tour,
-                             check_points, convex_hull, evaluate, held_karp, is_simple_polygon,
-                             load, make_batch, polygon_area, record_of, solve,
-                             tour_length)
+from refimpl.pointer import (STOP, PointerConfig, PointerNet, TrainConfig, TSPPool, angle_order,
+                             canonical_tour, check_points, convex_hull, evaluate, held_karp,
+                             is_simple_polygon, load, make_batch, pointer_log_probs, polygon_area,
+                             record_of, solve, tour_length, train)
 
 
 def brute_force_tour(points):
@@ -268,3 +268,98 @@ def test_committed_glimpse_sorters_rank_as_recorded_on_fresh_sets():
     acc = {v: evaluate("sort", load("sort", 10, v), 10, num_instances=400, seed=30_000)["accuracy"]
            for v in ("lstm_g1_10k", "rpw5_g1_10k")}
     assert acc["rpw5_g1_10k"] > acc["lstm_g1_10k"] > 0.8
+
+
+# ---- bad input: one rule per case, each error names the argument
+
+@pytest.mark.parametrize("tour, match", [
+    (torch.tensor([[0, 1, 1, 2]]), "permutations of 0..3"),   # a city twice
+    (torch.tensor([[0, 1, 5, 2]]), "permutations of 0..3"),   # a city that does not exist
+    (torch.tensor([[0., 1., 2., 3.]]), "integer tensor"),
+    (torch.tensor([0, 1, 2, 3]), "integer tensor"),
+])
+def test_bad_tours(tour, match):
+    with pytest.raises(ValueError, match=match):
+        tour_length(torch.rand(1, 4, 2), tour)
+    with pytest.raises(ValueError, match=match):
+        canonical_tour(tour)
+
+
+def test_tour_and_points_must_agree():
+    with pytest.raises(ValueError, match="points must be"):
+        tour_length(torch.rand(2, 4, 2), torch.tensor([[0, 1, 2, 3]]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(task="hull", input_order="angel"), "input_order"),
+    (dict(task="hull", output_order="randm"), "output_order"),
+    (dict(task="sort", input_order="angel"), "input_order"),
+    (dict(task="sort", n=0), "n must be"),
+    (dict(task="hull", n=2), "n must be"),
+    (dict(task="sort", batch_size=0), "batch_size"),
+])
+def test_make_batch_bad_arguments(kwargs, match):
+    kwargs = {"n": 6, "batch_size": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        make_batch(generator=torch.Generator(), **kwargs)
+
+
+K, Q, VEC = torch.randn(2, 5, 4), torch.randn(2, 4), torch.randn(4)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((K, torch.randn(2, 3), VEC), ValueError, "share H"),
+    ((K, torch.randn(3, 4), VEC), ValueError, "does not broadcast"),
+    ((K, Q, torch.randn(3)), ValueError, "share H"),
+    ((K.long(), Q, VEC), TypeError, "keys must be a float tensor"),
+    ((K, Q, VEC, torch.zeros(2, 5, dtype=torch.long)), TypeError, "mask must be a bool tensor"),
+    ((K, Q, VEC, torch.zeros(2, 4, dtype=torch.bool)), ValueError, "mask must broadcast"),
+    ((K, Q, VEC, torch.ones(2, 5, dtype=torch.bool)), ValueError, "mask forbids every position"),
+])
+def test_pointer_log_probs_bad_arguments(args, error, match):
+    with pytest.raises(error, match=match):
+        pointer_log_probs(*args)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(hidden=0), "config.hidden"), (dict(glimpses=-1), "config.glimpses"),
+    (dict(process_steps=-1), "config.process_steps"),
+])
+def test_bad_pointer_config(change, match):
+    with pytest.raises(ValueError, match=match):
+        PointerNet(PointerConfig("sort", **change))
+
+
+@pytest.mark.parametrize("x, targets, match", [
+    (torch.rand(2, 4, 1), torch.tensor([[0, 1, 2, 9]] * 2), "targets must hold slots in \\[0, 4\\)"),
+    (torch.rand(2, 4, 1), torch.tensor([[0, 1, 2, -1]] * 2), "targets must hold slots"),
+    (torch.rand(2, 4, 1), torch.tensor([[0, 1, 2, 3]]), "targets must be an integer tensor \\[B=2"),
+    (torch.rand(2, 4, 2), torch.tensor([[0, 1, 2, 3]] * 2), "x must be"),
+])
+def test_bad_teacher_forcing_input(x, targets, match):
+    with pytest.raises(ValueError, match=match):
+        model("sort").loss(x, targets)
+
+
+def test_bad_records_polygons_and_sizes():
+    with pytest.raises(ValueError, match="committed"):
+        record_of("tsp", 99)
+    with pytest.raises(ValueError, match="polygon must be"):
+        polygon_area(torch.rand(4, 2), [0, 1, 7])
+    with pytest.raises(ValueError, match="polygon must be"):
+        is_simple_polygon(torch.rand(4, 2), [0, 1, 7])
+    with pytest.raises(ValueError, match="num_instances"):
+        evaluate("sort", model("sort"), 4, 0)
+    with pytest.raises(ValueError, match="size"):
+        TSPPool(5, 0, seed=0, progress=False)
+    with pytest.raises(ValueError, match="points must be shaped"):
+        angle_order(torch.rand(4, 2))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(steps=0), "steps"), (dict(n_max=4), "n_max"), (dict(input_order="angel"), "input_order"),
+    (dict(min_lr=1.0), "min_lr"), (dict(batch_size=0), "batch_size"),
+])
+def test_bad_train_config(change, match):
+    with pytest.raises(ValueError, match=match):
+        train(TrainConfig(task="sort", n=5, **change), progress=False)

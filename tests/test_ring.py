@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from refimpl import ring
 from refimpl.ring import (LAYOUTS, RingTrace, block_attention, blockwise_attention, comm_volume,
                           merge_partials, positions_of, ring_attention, shard_segments,
                           ulysses_attention)
@@ -261,3 +262,68 @@ def test_mismatched_shapes_and_dtypes():
         comm_volume("ulysses", seq_len=8, world_size=2, heads=3, head_dim=4)
     with pytest.raises(ValueError, match="seq_len"):
         comm_volume("ring", seq_len=9, world_size=2, heads=2, head_dim=4)
+
+
+# one case per rule of the check_* functions: (call, the argument its error must name)
+_q, _k, _v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+_lse = torch.zeros(1, 2, 8)
+_seg = [ring.Segment(0, 8)]
+BAD_CALLS = {
+    "blockwise block_size < 1": (lambda: blockwise_attention(_q, _k, _v, block_size=-1), "block_size"),
+    "blockwise block_size float": (lambda: blockwise_attention(_q, _k, _v, block_size=2.0), "block_size"),
+    "block k head_dim": (lambda: block_attention(_q, _k[..., :3], _v, sm_scale=0.5), "k.shape"),
+    "block k batch": (lambda: block_attention(_q, _k[:, :1], _v[:, :1], sm_scale=0.5), "k.shape"),
+    "block v rows": (lambda: block_attention(_q, _k, _v[:, :, :4], sm_scale=0.5), "v.shape"),
+    "block q 1-D": (lambda: block_attention(_q[0, 0, 0], _k, _v, sm_scale=0.5), "q must be"),
+    "block sm_scale NaN": (lambda: block_attention(_q, _k, _v, sm_scale=float("nan")), "sm_scale"),
+    "block causal_offset float": (lambda: block_attention(_q, _k, _v, sm_scale=0.5, causal_offset=0.5),
+                                  "causal_offset"),
+    "backward dout shape": (lambda: ring.block_attention_backward(_q, _k, _v, _q[:, :, :4], _lse, _lse,
+                                                                  sm_scale=0.5), "dout"),
+    "backward lse shape": (lambda: ring.block_attention_backward(_q, _k, _v, _q, _lse[..., :4], _lse,
+                                                                 sm_scale=0.5), "lse"),
+    "backward delta shape": (lambda: ring.block_attention_backward(_q, _k, _v, _q, _lse, _lse[0],
+                                                                   sm_scale=0.5), "delta"),
+    "merge out_b shape": (lambda: ring.merge_partials(_q, _lse, _q[..., :4, :], _lse), "out_b"),
+    "merge lse_a shape": (lambda: ring.merge_partials(_q, _lse[..., :4], _q, _lse), "lse_a"),
+    "merge lse_b not a tensor": (lambda: ring.merge_partials(_q, _lse, _q, 0.0), "lse_b"),
+    "shard seq_len not divisible": (lambda: ring.shard_segments(10, 3, "contiguous"), "seq_len = 10"),
+    "shard zigzag not divisible": (lambda: ring.shard_segments(12, 4, "zigzag"), r"2 \* world_size"),
+    "shard seq_len 0": (lambda: ring.shard_segments(0, 2, "striped"), "seq_len"),
+    "shard world_size 0": (lambda: ring.shard_segments(10, 0, "contiguous"), "world_size"),
+    "segment stride 0": (lambda: ring.Segment(0, 4, 0), "stride"),
+    "segment length < 1": (lambda: ring.Segment(0, -1), "length"),
+    "segment start < 0": (lambda: ring.Segment(-2, 4), "start"),
+    "positions_of empty": (lambda: ring.positions_of([]), "segments"),
+    "pair_offset strides": (lambda: ring.pair_offset(ring.Segment(0, 4, 1), ring.Segment(1, 4, 2)), "stride"),
+    "visible_pairs tq < 0": (lambda: ring.visible_pairs(0, -1, 4), "tq"),
+    "visible_pairs offset None": (lambda: ring.visible_pairs(None, 4, 4), "offset"),
+    "visible_tiles k_segs": (lambda: list(ring.visible_tiles(_seg, "abc", True)), "k_segs"),
+    "attend_shard rows": (lambda: ring.attend_shard(_q, _k, _v, [ring.Segment(0, 4)], _seg, causal=True,
+                                                    sm_scale=0.5), "q must be"),
+    "attend_shard v rows": (lambda: ring.attend_shard(_q, _k, _v[:, :, :4], _seg, _seg, causal=True,
+                                                      sm_scale=0.5), "v must be"),
+    "ring sm_scale NaN": (lambda: ring_attention(_q, _k, _v, world_size=2, sm_scale=float("nan")), "sm_scale"),
+    "ulysses sm_scale str": (lambda: ulysses_attention(_q, _k, _v, world_size=2, sm_scale="1"), "sm_scale"),
+    "bytes_sent world_size": (lambda: _traced().bytes_sent(2), "world_size"),
+    "bytes_sent phase": (lambda: _traced().bytes_sent(4, phase="fwd"), "phase"),
+    "comm_volume dtype": (lambda: comm_volume("ring", seq_len=8, world_size=2, heads=2, head_dim=4,
+                                              dtype="float32"), "dtype"),
+    "ring_forward segs": (lambda: ring.ring_forward([(_q, _k, _v)] * 2, [_seg], causal=False, sm_scale=0.5,
+                                                    backend="torch", trace=RingTrace()), "segs"),
+    "ring_backward douts": (lambda: ring.ring_backward([(_q, _k, _v)], [_q], [_lse], [], [_seg], causal=False,
+                                                       sm_scale=0.5, trace=RingTrace()), "douts"),
+}
+
+
+def _traced():
+    trace = RingTrace()
+    ring_attention(_q, _k, _v, world_size=4, trace=trace)
+    return trace
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=str)
+def test_check_functions_name_the_argument(case):
+    call, match = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from refimpl import ring_dist as rd
 from refimpl.ring import comm_volume
 
 WORLD = 4
@@ -186,3 +187,29 @@ def test_dead_rank_gives_an_error_not_a_hang(tmp_path):
     died = torch.load(tmp_path / "died0.pt")
     assert died["error"] is not None, "a rank finished a ring whose peer had died"
     assert died["seconds"] < 3 * DEAD_TIMEOUT_S
+
+
+# argument checks run before any message is sent, so they need no process group
+def _local(n=4):
+    return [torch.randn(B, H, n, D) for _ in range(3)]
+
+
+BAD_CALLS = {
+    "shard x not 4-D": (lambda: rd.shard(torch.zeros(3), "zigzag"), "x must"),
+    "unshard x_local": (lambda: rd.unshard([1, 2], "zigzag"), "x_local"),
+    "ring q dtype": (lambda: rd.ring_attention_dist(*(x.long() for x in _local())), "dtype"),
+    "ring v device": (lambda: rd.ring_attention_dist(*_local()[:2], torch.empty(B, H, 4, D, device="meta")),
+                      "v is on meta"),
+    "ring q empty": (lambda: rd.ring_attention_dist(*_local(0)), "non-empty"),
+    "ring timeout": (lambda: rd.ring_attention_dist(*_local(), timeout=5), "timeout"),
+    "ring stats": (lambda: rd.ring_attention_dist(*_local(), stats=[]), "stats"),
+    "ring sm_scale NaN": (lambda: rd.ring_attention_dist(*_local(), sm_scale=float("nan")), "sm_scale"),
+    "ulysses timeout": (lambda: rd.ulysses_attention_dist(*_local(), timeout=timedelta(seconds=0)), "timeout"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=str)
+def test_check_functions_name_the_argument(case):
+    call, match = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=match):
+        call()

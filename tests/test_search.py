@@ -10,7 +10,8 @@ import transformers
 from refimpl.hf import HFCausalLM
 from refimpl.lm import GPTConfig, TinyGPT
 from refimpl.search import (BeamOutput, beam_search, distinct_n, edit_distance, greedy_search,
-                            mean_logprob_per_token, mean_pairwise_edit_distance, strip_generated)
+                            group_candidates, mean_logprob_per_token, mean_pairwise_edit_distance,
+                            sequence_logprobs, strip_generated)
 from tiny_hf import tiny_hf
 
 transformers.logging.set_verbosity_error()
@@ -296,3 +297,34 @@ def test_bad_prompts():
     with pytest.raises(ValueError, match="n must be"):
         distinct_n([[1]], 0)
     assert isinstance(beam_search(model, ragged, num_beams=2, max_new_tokens=2), BeamOutput)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(1, 2, 5), torch.zeros(1, 2), None, 0.0, 11), "k must be an int in \\[1, 10\\]"),
+    ((torch.randn(1, 2, 5), torch.zeros(1, 2), None, 0.0, 0), "k must be"),
+    ((torch.randn(1, 2, 5), torch.zeros(2, 1), None, 0.0, 2), "running must be \\[N, Bg\\]"),
+    ((torch.randn(1, 2, 5), torch.zeros(1, 2), torch.zeros(1, 4), 1.0, 2), "counts must be"),
+    ((torch.randn(1, 2, 5), torch.zeros(1, 2), torch.zeros(1, 5), float("nan"), 2), "diversity_penalty"),
+    ((torch.randn(1, 2, 5), torch.zeros(1, 2), torch.zeros(1, 5), -1.0, 2), "diversity_penalty"),
+    ((torch.randn(2, 5), torch.zeros(2), None, 0.0, 2), "logits must be a float tensor \\[N, Bg, V\\]"),
+])
+def test_group_candidates_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        group_candidates(*args)
+
+
+def test_prompt_len_and_mask_are_checked():
+    model, seqs = tiny_gpt(12), torch.tensor([[1, 2, 3, 4, 5]])
+    for prompt_len in (0, 5, 2.0):  # sequence_logprobs needs at least one generated token
+        with pytest.raises(ValueError, match="prompt_len must be an int in \\[1, 4\\]"):
+            sequence_logprobs(model, seqs, prompt_len)
+        with pytest.raises(ValueError, match="prompt_len"):
+            mean_logprob_per_token(model, seqs, prompt_len)
+    with pytest.raises(ValueError, match="attention_mask"):
+        sequence_logprobs(model, seqs, 2, torch.ones(1, 3))
+    with pytest.raises(ValueError, match="sequences must be"):
+        sequence_logprobs(model, seqs[0], 2)
+    for prompt_len in (-1, 0, 6):
+        with pytest.raises(ValueError, match="prompt_len must be an int in \\[1, 5\\]"):
+            strip_generated(seqs, prompt_len)
+    assert strip_generated(seqs, 5) == [[]]

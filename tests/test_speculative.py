@@ -15,9 +15,9 @@ import torch
 from refimpl.hf import HFCausalLM
 from refimpl.lm import GPTConfig, KVCache, TinyGPT
 from refimpl.speculative import (AdaptiveGamma, DraftModel, NGramTable, PromptLookup, SpecStats,
-                                 acceptance_rate, autoregressive_generate, expected_speedup,
-                                 expected_tokens_per_call, greedy_accept, lookup_continuation,
-                                 speculative_accept, speculative_generate)
+                                 acceptance_rate, autoregressive_generate, batch_inputs, expected_speedup,
+                                 expected_tokens_per_call, greedy_accept, lookup_continuation, realign,
+                                 rollback_cache, speculative_accept, speculative_generate)
 from tiny_hf import tiny_hf
 
 
@@ -358,7 +358,7 @@ class ConstantLM(torch.nn.Module):
         self.config = GPTConfig(len(probs), block, 1, 1, 1)
 
     def empty_cache(self, batch_size):
-        return KVCache(0, batch_size, 1, 1, self.config.block_size)
+        return KVCache(1, batch_size, 1, 1, self.config.block_size)  # never written: no memory
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
         cache.advance(input_ids.shape[1])
@@ -491,7 +491,7 @@ def test_bad_input(pair):
         NGramTable.from_tokens(ids(100), 20, order=1)
     with pytest.raises(ValueError, match="ids"):
         NGramTable.from_tokens(ids(100), 10, order=2)  # tokens >= vocab_size
-    with pytest.raises(ValueError, match="min_gamma"):
+    with pytest.raises(ValueError, match="start"):
         AdaptiveGamma(DraftModel(draft), start=0)
     with pytest.raises(ValueError, match="stop_below"):
         DraftModel(draft, stop_below=1.5)
@@ -510,3 +510,78 @@ def test_dispatch_free_draft_forward_equals_the_module():
         c1.crop(3), c2.crop(3)
         assert torch.allclose(tinygpt_last_logits(model, x[:, 3:4], c2), model(x[:, 3:4], cache=c1)[:, -1],
                               atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------ one case per check rule
+
+def _dists(B=2, g=3, V=5):
+    q = torch.rand(B, g, V).softmax(-1)
+    return q, torch.rand(B, g + 1, V).softmax(-1)
+
+
+def _kv(batch=2, length=4):
+    cache = KVCache(1, batch, 1, 2, 16)
+    cache.update(0, torch.zeros(batch, 1, length, 2), torch.zeros(batch, 1, length, 2))
+    cache.advance(length)
+    return cache
+
+
+_rows, _shift = torch.tensor([0, 1]), torch.tensor([1, 0])
+BAD_CALLS = {
+    "gamma float": (lambda: expected_tokens_per_call(0.5, 2.5), "gamma"),
+    "c NaN": (lambda: expected_speedup(0.5, 2, float("nan")), "c must"),
+    "acceptance_rate shapes": (lambda: acceptance_rate(torch.rand(2, 5), torch.rand(3, 5)), "p.shape"),
+    "acceptance_rate broadcast": (lambda: acceptance_rate(torch.rand(5), torch.rand(2, 5)), "p.shape"),
+    "acceptance_rate ints": (lambda: acceptance_rate(torch.ones(5, dtype=torch.long), torch.rand(5)), "p must"),
+    "accept draft >= V": (lambda: speculative_accept(torch.full((2, 3), 5), *_dists()), "draft_tokens"),
+    "accept draft < 0": (lambda: speculative_accept(torch.full((2, 3), -1), *_dists()), "draft_tokens"),
+    "accept draft float": (lambda: speculative_accept(torch.zeros(2, 3), *_dists()), "draft_tokens"),
+    "accept p 2-D": (lambda: speculative_accept(torch.zeros(2, 3, dtype=torch.long), _dists()[0],
+                                                torch.rand(2, 5)), "p must"),
+    "greedy draft >= V": (lambda: greedy_accept(torch.full((2, 3), 7), torch.randn(2, 4, 5)), "draft_tokens"),
+    "greedy logits shape": (lambda: greedy_accept(torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 3, 5)),
+                            "logits"),
+    "batch_inputs past < 0": (lambda: batch_inputs(torch.zeros(2, dtype=torch.long), -1, 2), "past"),
+    "batch_inputs T 0": (lambda: batch_inputs(torch.zeros(2, dtype=torch.long), 3, 0), "T must"),
+    "batch_inputs pad > past": (lambda: batch_inputs(torch.tensor([0, 4]), 3, 2), "pad"),
+    "batch_inputs pad 2-D": (lambda: batch_inputs(torch.zeros(2, 1, dtype=torch.long), 3, 2), "pad"),
+    "realign dim": (lambda: realign(torch.zeros(2, 5), 2, 0, _rows, _shift, 5), "dim"),
+    "realign same dims": (lambda: realign(torch.zeros(2, 5), 0, 0, _rows, _shift, 5), "batch_dim"),
+    "realign shift length": (lambda: realign(torch.zeros(2, 5), 1, 0, _rows, _shift[:1], 5), "shift"),
+    "realign rows float": (lambda: realign(torch.zeros(2, 5), 1, 0, _rows.float(), _shift, 5), "rows"),
+    "realign length < 0": (lambda: realign(torch.zeros(2, 5), 1, 0, _rows, _shift, -1), "length"),
+    "rollback end < 0": (lambda: rollback_cache(_kv(1), -2), "end"),
+    "rollback rows without shift": (lambda: rollback_cache(_kv(), torch.tensor([3, 3]), _rows), "shift"),
+    "rollback end length": (lambda: rollback_cache(_kv(), torch.tensor([3]), _rows, _shift), "end"),
+    "rollback rows >= B": (lambda: rollback_cache(_kv(), torch.tensor([3, 3]), torch.tensor([0, 2]), _shift),
+                           "rows"),
+    "lookup min_ngram 0": (lambda: lookup_continuation(ids(12), 3, 2, 0), "min_ngram"),
+    "lookup g < 0": (lambda: lookup_continuation(ids(12), -1, 2, 1), "g must"),
+    "lookup context 2-D": (lambda: lookup_continuation(ids(1, 12), 3, 2, 1), "context"),
+    "PromptLookup max_ngram float": (lambda: PromptLookup(max_ngram=2.5), "max_ngram"),
+    "NGram smoothing < 0": (lambda: NGramTable.from_tokens(ids(100), 20, smoothing=-1), "smoothing"),
+    "NGram smoothing NaN": (lambda: NGramTable.from_tokens(ids(100), 20, smoothing=float("nan")), "smoothing"),
+    "NGram ids float": (lambda: NGramTable.from_tokens(ids(100).float(), 20), "ids"),
+    "NGram vocab_size 0": (lambda: NGramTable.from_tokens(ids(100), 0), "vocab_size"),
+    "NGram probs shape": (lambda: NGramTable(torch.rand(20, 20), 20, 3), "probs"),
+    "NGram propose length": (lambda: NGramTable.from_tokens(ids(100), 20).propose(
+        ids(1, 8), 1, None, 2, True, 1.0, None), "length"),
+    "AdaptiveGamma grow < 0": (lambda: AdaptiveGamma(PromptLookup(), grow=-1), "grow"),
+    "AdaptiveGamma shrink float": (lambda: AdaptiveGamma(PromptLookup(), shrink=0.5), "shrink"),
+    "AdaptiveGamma drafter": (lambda: AdaptiveGamma("lookup"), "drafter"),
+    "generate max_new_tokens float": (lambda: autoregressive_generate(tiny(0), ids(1, 3), max_new_tokens=2.5),
+                                      "max_new_tokens"),
+    "generate temperature str": (lambda: autoregressive_generate(tiny(0), ids(1, 3), max_new_tokens=2,
+                                                                 temperature="hot"), "temperature"),
+    "speculative gamma bool": (lambda: speculative_generate(tiny(0), PromptLookup(), ids(1, 3), max_new_tokens=2,
+                                                            gamma=True), "gamma"),
+    "DraftModel model": (lambda: DraftModel("gpt2"), "model must"),
+    "speculative drafter": (lambda: speculative_generate(tiny(0), 3, ids(1, 3), max_new_tokens=2), "model must"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=str)
+def test_check_functions_name_the_argument(case):
+    call, match = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=match):
+        call()

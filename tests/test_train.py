@@ -99,3 +99,32 @@ def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(p.steps, p) == pytest.approx(p.min_lr)
     lrs = [lr_at(s, p) for s in range(p.warmup, p.steps)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_bad_arguments_name_themselves():
+    model = lm.TinyGPT(lm.GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    ids = torch.arange(50) % 10
+    cases = [
+        (lambda: evaluate(model, ids[:5], 8), "block_size must be an int in \\[1, 4\\]"),
+        (lambda: evaluate(model, ids, 16), "block_size"),  # longer than the model's context
+        (lambda: evaluate(model, ids, 8, batch_size=0), "batch_size"),
+        (lambda: evaluate(model, ids, 8, max_windows=0), "max_windows"),
+        (lambda: teacher_log_probs(model, ids[:16].view(2, 8), batch_size=0), "batch_size"),
+        (lambda: teacher_text(model, ids, 2, 8, torch.Generator(), prompt_len=8), "prompt_len"),
+        (lambda: teacher_text(model, ids, 0, 8, torch.Generator(), prompt_len=4), "num"),
+        (lambda: lr_at(-1, PRESETS["smoke"]), "step"),
+        (lambda: lr_at(1.5, PRESETS["smoke"]), "step"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(steps=0), "steps"), (dict(batch_size=0), "batch_size"), (dict(warmup=-1), "warmup"),
+    (dict(lr=float("nan")), "lr"), (dict(min_lr=1.0), "min_lr"), (dict(n_head=0), "n_head"),
+])
+def test_bad_preset_is_refused_before_training(tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        train("smoke", replace(PRESETS["smoke"], **change), out_dir=tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())  # refused before anything was written

@@ -107,7 +107,7 @@ def _check(keys, query, v, mask):
             raise ValueError(f"mask must broadcast to [..., n] = {(*lead, n)}, got {tuple(mask.shape)}")
         if mask.expand(*lead, n).all(-1).any():
             raise ValueError("mask masks every position of a row: its log-softmax is undefined "
-                             "(the torch reference gives NaN); leave at least one position open")
+                             "(the torch reference refuses it too); leave at least one position open")
     return tuple(lead)
 
 
@@ -116,8 +116,8 @@ def pointer_log_probs_triton(keys, query, v, mask=None):
 
     keys [..., n, H], query [..., H], v [H] in fp32 (fp16/bf16 are computed in fp32);
     mask [..., n] bool, True where a position may not be chosen. Returns fp32 log-probs
-    [..., n]; masked positions are exactly -inf. Unlike the reference, which returns a row of
-    NaN when every position of a row is masked, this raises a ValueError.
+    [..., n]; masked positions are exactly -inf. A row with every position masked raises a
+    ValueError, as in the reference.
     """
     lead = _check(keys, query, v, mask)
     check_same_device("keys", keys, query=query, v=v, mask=mask)
