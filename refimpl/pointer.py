@@ -3,7 +3,7 @@
 Vinyals, Fortunato, Jaitly, "Pointer Networks" (2015): an LSTM encoder reads the points, an LSTM
 decoder emits one input position per step, and the output distribution is the additive
 attention itself (eq. 3):  u_j = v^T tanh(W1 e_j + W2 d_i),  p(C_i | C_<i, P) = softmax(u).
-Vinyals, Bengio, Kudlur, "Order Matters" (2015), section 4: the read-process-write encoder
+Vinyals, Bengio, Kudlur, "Order Matters" (ICLR 2016), section 4: the read-process-write encoder
 embeds each element on its own (read), runs P steps of attention with an LSTM that has no input
 (process, eq. 3-7), and hands the order-invariant state q*_P to the pointer decoder (write).
 
@@ -127,7 +127,7 @@ def held_karp(points, max_n: int = MAX_HELD_KARP_N) -> tuple[torch.Tensor, torch
     B, n, _ = points.shape
     if n > max_n:
         raise ValueError(f"points has n={n}; Held-Karp needs 2^(n-1)*(n-1) table entries per "
-                         f"instance ({2 ** (n - 1) * (n - 1):,} here) and (n-1)^2 times as many "
+                         f"instance ({2 ** (n - 1) * (n - 1):,} here) and n-1 times as many "
                          f"operations, so it is limited to n <= max_n={max_n}; pass a larger "
                          f"max_n to run it anyway")
     d = torch.cdist(points, points)
