@@ -13,10 +13,11 @@ from refimpl.hf import HFCausalLM
 from refimpl.packing import generate_packed
 from refimpl.search import beam_search, greedy_search
 from refimpl.speculative import DraftModel, PromptLookup, speculative_generate
-from tiny_hf import FAMILIES, tiny_hf
+from test_search import EOS, MAX_NEW, PAD, V, hf_generate, prompts
+from tiny_hf import FAMILIES, bias_token, tiny_hf
 
 transformers.logging.set_verbosity_error()
-V, EOS, PAD, NEW = 40, 3, 5, 8
+KW = dict(max_new_tokens=MAX_NEW, eos_token_id=EOS, pad_token_id=PAD)
 
 
 def model(family, seed=0, vocab=V, scale=1.0, eos=True):
@@ -26,36 +27,20 @@ def model(family, seed=0, vocab=V, scale=1.0, eos=True):
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(scale)
-        head = m.get_output_embeddings()
-        head.bias = torch.nn.Parameter(torch.zeros(vocab))
-        head.bias[EOS] = 1.5 if eos else -1e4
     m.generation_config.eos_token_id = EOS
-    return m
-
-
-def padded_prompts():
-    ids = torch.randint(6, V, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    ids[1, :3], mask[1, :3] = PAD, 0
-    return ids, mask
-
-
-def hf_generate(m, ids, mask, **kw):
-    return m.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, eos_token_id=EOS,
-                      pad_token_id=PAD, return_dict_in_generate=True, output_scores=True, **kw)
+    return bias_token(m, EOS, 1.5 if eos else -1e4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_beam_and_diverse_beam_equal_hf_generate(family):
     hf = model(family)
-    ours, (ids, mask) = HFCausalLM(hf), padded_prompts()
-    got = greedy_search(ours, ids, max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD, attention_mask=mask)
-    assert torch.equal(got, hf_generate(hf, ids, mask).sequences)
+    ours, (ids, mask) = HFCausalLM(hf), prompts()
+    got = greedy_search(ours, ids, attention_mask=mask, **KW)
+    assert torch.equal(got, hf_generate(hf, ids, mask, **KW).sequences)
     for kw in (dict(num_beams=3), dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5)):
         kw.update(num_return_sequences=2, length_penalty=1.0)
-        ref = hf_generate(hf, ids, mask, **kw)
-        out = beam_search(ours, ids, max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD,
-                          attention_mask=mask, **kw)
+        ref = hf_generate(hf, ids, mask, **KW, **kw)
+        out = beam_search(ours, ids, attention_mask=mask, **KW, **kw)
         assert torch.equal(out.sequences, ref.sequences), kw
         torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
 
@@ -64,11 +49,11 @@ def test_greedy_beam_and_diverse_beam_equal_hf_generate(family):
 def test_packed_generation_equals_hf_greedy_per_prompt(family):
     hf = model(family, eos=False)
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(6, V, (n,), generator=g) for n in (5, 11, 3, 8)]
+    ragged = [torch.randint(6, V, (n,), generator=g) for n in (5, 11, 3, 8)]
     want = [hf.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
                         max_new_tokens=6, pad_token_id=PAD)[0, len(p):].tolist()
-            for p in prompts]
-    assert generate_packed(HFCausalLM(hf), prompts, 6, capacity=16) == want
+            for p in ragged]
+    assert generate_packed(HFCausalLM(hf), ragged, 6, capacity=16) == want
 
 
 @pytest.mark.parametrize("family", FAMILIES)

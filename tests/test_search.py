@@ -12,7 +12,7 @@ from refimpl.lm import GPTConfig, TinyGPT
 from refimpl.search import (BeamOutput, beam_search, distinct_n, edit_distance, greedy_search,
                             group_candidates, mean_logprob_per_token, mean_pairwise_edit_distance,
                             sequence_logprobs, strip_generated)
-from tiny_hf import tiny_hf
+from tiny_hf import bias_token, tiny_hf
 
 transformers.logging.set_verbosity_error()
 V, EOS, PAD, MAX_NEW = 40, 3, 5, 8
@@ -21,12 +21,7 @@ V, EOS, PAD, MAX_NEW = 40, 3, 5, 8
 def hf_model(kind, seed=0, eos_bias=1.5):
     """A small random HF causal LM whose lm head favours EOS, so hypotheses do finish."""
     extra = {"bos_token_id": 0, "eos_token_id": EOS} if kind == "gpt2" else {}
-    model = tiny_hf(kind, vocab=V, seed=seed, **extra)
-    head = model.get_output_embeddings()
-    with torch.no_grad():
-        head.bias = torch.nn.Parameter(torch.zeros(V))
-        head.bias[EOS] = eos_bias
-    return model.eval()
+    return bias_token(tiny_hf(kind, vocab=V, seed=seed, **extra), EOS, eos_bias)
 
 
 def prompts():

@@ -42,3 +42,12 @@ def tiny_hf(family: str, *, vocab: int = 50, positions: int = 64, layers: int = 
     """A random-weight causal LM of ``family`` in eval mode, seeded by ``seed``."""
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config(family, vocab, positions, layers, **extra)).eval()
+
+
+def bias_token(model: torch.nn.Module, token: int, bias: float) -> torch.nn.Module:
+    """Give the lm head a bias of ``bias`` on ``token`` and 0 elsewhere (towards or away from EOS)."""
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+        head.bias[token] = bias
+    return model
