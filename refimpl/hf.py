@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
-from refimpl.lm import check_forward_args, check_int, check_token_ids
+from refimpl.lm import check_forward_args, check_ids, check_int
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class HFCausalLM(nn.Module):
             raise TypeError(f"cache must come from empty_cache(), got {type(cache).__name__}")
         B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
                                         self.config.block_size)
-        check_token_ids(input_ids, self.config.vocab_size)
+        check_ids("input_ids", input_ids, self.config.vocab_size)
         # Always explicit: OPT derives positions from the attention mask when given none, which
         # fails for a 4-D mask; counting on from the cache is what every family does by default.
         if position_ids is None:

@@ -152,17 +152,20 @@ def check_forward_args(input_ids, position_ids, attn_mask, cache, block_size: in
     return B, T, past
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """ValueError unless every id is in [0, vocab_size): an embedding lookup would raise IndexError.
+def check_ids(name: str, ids: torch.Tensor, high: int | None = None, bound: str = "vocab_size",
+              what: str = "token ids") -> None:
+    """ValueError unless every entry of the integer tensor ``ids`` is in [0, high) ([0, inf) when
+    ``high`` is None); ``bound`` and ``what`` name the limit and the entries in the message.
 
-    One ``aminmax`` pass, so it is cheap enough for every decoding step.
+    One ``aminmax`` pass, so it is cheap enough for every decoding step. An empty tensor (a batch
+    whose every sequence has finished) passes.
     """
-    if not input_ids.numel():  # a batch of no rows (every sequence finished) holds no ids
+    if not ids.numel():
         return
-    lo, hi = torch.aminmax(input_ids)
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"input_ids must hold token ids in [0, vocab_size={vocab_size}), got values "
-                         f"in [{int(lo)}, {int(hi)}]")
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    if lo < 0 or (high is not None and hi >= high):
+        limit = "inf" if high is None else f"{bound}={high}"
+        raise ValueError(f"{name} must hold {what} in [0, {limit}), got values in [{lo}, {hi}]")
 
 
 def check_config(config: GPTConfig) -> None:
@@ -368,7 +371,7 @@ class TinyGPT(nn.Module):
             raise TypeError(f"cache must come from empty_cache(), got {type(cache).__name__}")
         B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
                                         self.config.block_size)
-        check_token_ids(input_ids, self.config.vocab_size)
+        check_ids("input_ids", input_ids, self.config.vocab_size)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))

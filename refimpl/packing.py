@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from refimpl.lm import KVCache, additive_mask, check_int
+from refimpl.lm import KVCache, additive_mask, check_ids, check_int
 
 ALGORITHMS = ("ffd", "bfd")
 
@@ -129,14 +129,6 @@ class Packed:
         return sum(p.length for p in self.placements) / self.input_ids.numel()
 
 
-def check_prompt_ids(name, ids, vocab_size=None):
-    """ValueError unless every token id of the 1-D tensor ``ids`` is in [0, vocab_size) (or >= 0)."""
-    lo, hi = torch.aminmax(ids)
-    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
-        raise ValueError(f"{name} must hold token ids in [0, {vocab_size or 'inf'}), "
-                         f"got values in [{int(lo)}, {int(hi)}]")
-
-
 def _as_prompts(prompts, max_length=None, name="prompts", vocab_size=None):
     if isinstance(prompts, torch.Tensor) or not len(prompts):
         raise ValueError(f"{name} must be a non-empty list of token lists / 1-D integer tensors")
@@ -148,7 +140,7 @@ def _as_prompts(prompts, max_length=None, name="prompts", vocab_size=None):
         if max_length is not None and t.numel() > max_length:
             raise ValueError(f"{name}[{i}] has {t.numel()} tokens, more than the model's "
                              f"context block_size={max_length}")
-        check_prompt_ids(f"{name}[{i}]", t, vocab_size)
+        check_ids(f"{name}[{i}]", t, vocab_size)
         out.append(t.long())
     return out
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from refimpl.lm import additive_mask, check_int, check_real
+from refimpl.lm import additive_mask, check_ids, check_int, check_real
 
 EARLY_STOPPING = (True, False, "never")
 
@@ -68,8 +68,7 @@ def check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, a
     for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         if value is not None and (not isinstance(value, int) or not 0 <= value < vocab):
             raise ValueError(f"{name} must be None or an integer in [0, {vocab}), got {value!r}")
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-        raise ValueError(f"input_ids must hold token ids in [0, {vocab})")
+    check_ids("input_ids", input_ids, vocab)
     if attention_mask is None:
         if pad_token_id is not None and pad_token_id != eos_token_id and (input_ids[:, 0] == pad_token_id).any():
             raise ValueError("attention_mask is required for left-padded prompts (a row starts with "

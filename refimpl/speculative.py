@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from refimpl.lm import KVCache, TinyGPT, additive_mask, causal_mask, check_int, check_real
+from refimpl.lm import KVCache, TinyGPT, additive_mask, causal_mask, check_ids, check_int, check_real
 
 
 # ---------------------------------------------------------------- argument checks
@@ -41,15 +41,6 @@ def check_int_tensor(name, t, ndim):
     if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.is_floating_point() or t.is_complex() \
             or t.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor with {ndim} dims, got {_shape(t)}")
-
-
-def check_ids_below(name, ids, vocab_size):
-    """ValueError unless every id is in [0, vocab_size): one aminmax (one sync) per call."""
-    if ids.numel():
-        lo, hi = torch.stack(torch.aminmax(ids)).tolist()
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"{name} must hold token ids in [0, vocab_size={vocab_size}), "
-                             f"got values in [{lo}, {hi}]")
 
 
 def check_distributions(p, q):
@@ -72,7 +63,7 @@ def check_accept_args(draft_tokens, q, p):
     if q.shape[:2] != (B, g) or p.shape[:2] != (B, g + 1) or q.shape[2] != p.shape[2]:
         raise ValueError(f"q must be [B, g, V] and p [B, g+1, V] for draft_tokens [B, g] = [{B}, {g}], "
                          f"got q {tuple(q.shape)} and p {tuple(p.shape)}")
-    check_ids_below("draft_tokens", draft_tokens, p.shape[2])
+    check_ids("draft_tokens", draft_tokens, p.shape[2])
 
 
 def check_greedy_args(draft_tokens, logits):
@@ -82,7 +73,7 @@ def check_greedy_args(draft_tokens, logits):
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[:2] != (B, g + 1):
         raise ValueError(f"logits must be [B, g+1, V] = [{B}, {g + 1}, V] for draft_tokens [B, g], "
                          f"got {_shape(logits)}")
-    check_ids_below("draft_tokens", draft_tokens, logits.shape[2])
+    check_ids("draft_tokens", draft_tokens, logits.shape[2])
 
 
 def check_batch_inputs(pad, past, T):
@@ -91,7 +82,7 @@ def check_batch_inputs(pad, past, T):
     check_int("T", T, 1)
     if pad is not None:
         check_int_tensor("pad", pad, 1)
-        check_ids_below("pad", pad, past + 1)
+        check_ids("pad", pad, past + 1, bound="past + 1", what="offsets")
 
 
 def check_realign_args(t, dim, batch_dim, rows, shift, length):
@@ -124,7 +115,7 @@ def check_rollback_args(cache, end, rows, shift):
     check_int_tensor("rows", rows, 1)
     if shift.shape != rows.shape:
         raise ValueError(f"shift.shape {_shape(shift)} must equal rows.shape {_shape(rows)}")
-    check_ids_below("rows", rows, cache.batch_size)
+    check_ids("rows", rows, cache.batch_size, bound="batch_size", what="cache rows")
 
 
 def check_lookup_args(context, g, max_ngram, min_ngram):
@@ -456,7 +447,7 @@ def check_ngram_args(ids, vocab_size, order, smoothing):
     check_int_tensor("ids", ids, 1)
     if len(ids) < order:
         raise ValueError(f"ids must be a 1-D tensor of at least {order} tokens in [0, {vocab_size})")
-    check_ids_below("ids", ids, vocab_size)
+    check_ids("ids", ids, vocab_size)
     check_real("smoothing", smoothing, 0, math.inf)
 
 
@@ -570,7 +561,7 @@ def _check_generate_args(model, input_ids, max_new_tokens, temperature, greedy):
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 1 \
             or input_ids.is_floating_point():
         raise ValueError("input_ids must be an integer tensor [B, T] with T >= 1")
-    check_ids_below("input_ids", input_ids, model.config.vocab_size)
+    check_ids("input_ids", input_ids, model.config.vocab_size)
     check_int("max_new_tokens", max_new_tokens, 1)
     if not greedy and not check_real("temperature", temperature) > 0:
         raise ValueError(f"temperature must be > 0 when greedy=False, got {temperature}")
