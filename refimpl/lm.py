@@ -43,6 +43,11 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
+def shape_or_type(t) -> tuple | str:
+    """What an error message says a bad argument was: a tensor's shape, else its type's name."""
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def check_int(name: str, value, low: int, high: int | None = None) -> int:
     """Return ``value`` if it is an integer in [low, high] (no upper bound if None); else ValueError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low \

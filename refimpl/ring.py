@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refimpl.lm import check_int, check_real
+from refimpl.lm import check_int, check_real, shape_or_type
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 SCHEMES = ("ring", "allgather", "ulysses")
@@ -36,21 +36,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PHASES = ("forward", "backward")
 
 
-def _shape(t):
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def check_partials(out_a, lse_a, out_b, lse_b):
     """ValueError unless out_a, out_b are tensors [..., T, D] of one shape and lse_a, lse_b [..., T]."""
     for name, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
         if not isinstance(t, torch.Tensor) or t.ndim < (2 if name.startswith("out") else 1):
             raise ValueError(f"{name} must be a tensor ({'[..., T, D]' if name.startswith('out') else '[..., T]'}), "
-                             f"got {_shape(t)}")
+                             f"got {shape_or_type(t)}")
     if out_b.shape != out_a.shape:
-        raise ValueError(f"out_b.shape {_shape(out_b)} must equal out_a.shape {_shape(out_a)}")
+        raise ValueError(f"out_b.shape {shape_or_type(out_b)} must equal out_a.shape {shape_or_type(out_a)}")
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
         if t.shape != out_a.shape[:-1]:
-            raise ValueError(f"{name}.shape {_shape(t)} must be out_a.shape[:-1] = {_shape(out_a)[:-1]}")
+            raise ValueError(f"{name}.shape {shape_or_type(t)} must be out_a.shape[:-1] = {shape_or_type(out_a)[:-1]}")
 
 
 def check_blocks(q, k, v, sm_scale, causal_offset):
@@ -58,11 +54,11 @@ def check_blocks(q, k, v, sm_scale, causal_offset):
     number and causal_offset is None or an int."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.ndim < 2:
-            raise ValueError(f"{name} must be a tensor [..., rows, head_dim], got {_shape(t)}")
+            raise ValueError(f"{name} must be a tensor [..., rows, head_dim], got {shape_or_type(t)}")
     if k.shape[-1] != q.shape[-1] or k.shape[:-2] != q.shape[:-2]:
-        raise ValueError(f"k.shape {_shape(k)} must match q.shape {_shape(q)} except in the key rows")
+        raise ValueError(f"k.shape {shape_or_type(k)} must match q.shape {shape_or_type(q)} except in the key rows")
     if v.shape[:-1] != k.shape[:-1]:
-        raise ValueError(f"v.shape {_shape(v)} must match k.shape {_shape(k)} except in the last dim")
+        raise ValueError(f"v.shape {shape_or_type(v)} must match k.shape {shape_or_type(k)} except in the last dim")
     check_real("sm_scale", sm_scale, -math.inf, math.inf)
     if causal_offset is not None:
         check_offset("causal_offset", causal_offset)
@@ -79,7 +75,7 @@ def check_block_grads(q, v, dout, lse, delta):
     want = {"dout": q.shape[:-1] + v.shape[-1:], "lse": q.shape[:-1], "delta": q.shape[:-1]}
     for name, t in (("dout", dout), ("lse", lse), ("delta", delta)):
         if not isinstance(t, torch.Tensor) or t.shape != want[name]:
-            raise ValueError(f"{name} must be a tensor of shape {tuple(want[name])}, got {_shape(t)}")
+            raise ValueError(f"{name} must be a tensor of shape {tuple(want[name])}, got {shape_or_type(t)}")
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
@@ -263,7 +259,7 @@ def check_shard_inputs(q, k, v, q_segs, k_segs):
         rows = sum(s.length for s in segs)
         if not isinstance(t, torch.Tensor) or t.ndim < 2 or t.shape[-2] != rows:
             raise ValueError(f"{name} must be a tensor [..., {rows}, D] (the rows of its segments), "
-                             f"got {_shape(t)}")
+                             f"got {shape_or_type(t)}")
 
 
 def attend_shard(q, k, v, q_segs, k_segs, *, causal, sm_scale, block_fn=block_attention):

@@ -27,29 +27,26 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from refimpl.lm import KVCache, TinyGPT, additive_mask, causal_mask, check_ids, check_int, check_real
+from refimpl.lm import (KVCache, TinyGPT, additive_mask, causal_mask, check_ids, check_int, check_real,
+                        shape_or_type)
 
 
 # ---------------------------------------------------------------- argument checks
-
-def _shape(t):
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
 
 def check_int_tensor(name, t, ndim):
     """ValueError unless ``t`` is an integer tensor with ``ndim`` dims."""
     if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.is_floating_point() or t.is_complex() \
             or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor with {ndim} dims, got {_shape(t)}")
+        raise ValueError(f"{name} must be an integer tensor with {ndim} dims, got {shape_or_type(t)}")
 
 
 def check_distributions(p, q):
     """ValueError unless p and q are float tensors [..., V] of one shape."""
     for name, t in (("p", p), ("q", q)):
         if not isinstance(t, torch.Tensor) or t.ndim < 1 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a float tensor [..., V], got {_shape(t)}")
+            raise ValueError(f"{name} must be a float tensor [..., V], got {shape_or_type(t)}")
     if p.shape != q.shape:
-        raise ValueError(f"p.shape {_shape(p)} must equal q.shape {_shape(q)}")
+        raise ValueError(f"p.shape {shape_or_type(p)} must equal q.shape {shape_or_type(q)}")
 
 
 def check_accept_args(draft_tokens, q, p):
@@ -59,7 +56,7 @@ def check_accept_args(draft_tokens, q, p):
     for name, t in (("q", q), ("p", p)):
         if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
             raise ValueError(f"{name} must be a float tensor [B, g{'+1' if name == 'p' else ''}, V], "
-                             f"got {_shape(t)}")
+                             f"got {shape_or_type(t)}")
     if q.shape[:2] != (B, g) or p.shape[:2] != (B, g + 1) or q.shape[2] != p.shape[2]:
         raise ValueError(f"q must be [B, g, V] and p [B, g+1, V] for draft_tokens [B, g] = [{B}, {g}], "
                          f"got q {tuple(q.shape)} and p {tuple(p.shape)}")
@@ -72,7 +69,7 @@ def check_greedy_args(draft_tokens, logits):
     B, g = draft_tokens.shape
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[:2] != (B, g + 1):
         raise ValueError(f"logits must be [B, g+1, V] = [{B}, {g + 1}, V] for draft_tokens [B, g], "
-                         f"got {_shape(logits)}")
+                         f"got {shape_or_type(logits)}")
     check_ids("draft_tokens", draft_tokens, logits.shape[2])
 
 
@@ -97,7 +94,7 @@ def check_realign_args(t, dim, batch_dim, rows, shift, length):
     check_int_tensor("rows", rows, 1)
     check_int_tensor("shift", shift, 1)
     if shift.shape != rows.shape:
-        raise ValueError(f"shift.shape {_shape(shift)} must equal rows.shape {_shape(rows)}")
+        raise ValueError(f"shift.shape {shape_or_type(shift)} must equal rows.shape {shape_or_type(rows)}")
     check_int("length", length, 0)
 
 
@@ -114,7 +111,7 @@ def check_rollback_args(cache, end, rows, shift):
         raise ValueError(f"end must have one entry per cache row ({cache.batch_size}), got {len(end)}")
     check_int_tensor("rows", rows, 1)
     if shift.shape != rows.shape:
-        raise ValueError(f"shift.shape {_shape(shift)} must equal rows.shape {_shape(rows)}")
+        raise ValueError(f"shift.shape {shape_or_type(shift)} must equal rows.shape {shape_or_type(rows)}")
     check_ids("rows", rows, cache.batch_size, bound="batch_size", what="cache rows")
 
 
@@ -457,7 +454,7 @@ def check_table(probs, vocab_size, order):
     check_int("order", order, 2)
     want = (vocab_size ** (order - 1), vocab_size)
     if not isinstance(probs, torch.Tensor) or not probs.is_floating_point() or tuple(probs.shape) != want:
-        raise ValueError(f"probs must be a float tensor of shape {want}, got {_shape(probs)}")
+        raise ValueError(f"probs must be a float tensor of shape {want}, got {shape_or_type(probs)}")
 
 
 class NGramTable(Drafter):
