@@ -27,6 +27,7 @@ import triton.language as tl
 
 from refimpl.kernels.common import (FLOAT_DTYPES, MAX_BLOCK, check_block, check_device, check_launch,
                                     check_same_device)
+from refimpl.search import check_candidate_args
 
 
 @triton.jit
@@ -77,18 +78,10 @@ def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2, b
 
     logits [N, Bg, V] (fp32/fp16/bf16), running [N, Bg], counts [N, V] or None.
     """
-    if logits.ndim != 3 or running.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be [N, Bg, V] and running [N, Bg]; got {tuple(logits.shape)} "
-                         f"and {tuple(running.shape)}")
+    check_candidate_args(logits, running, counts, diversity_penalty, k)  # the reference's rules
     if logits.dtype not in FLOAT_DTYPES:
         raise ValueError(f"logits.dtype must be float32, float16 or bfloat16, got {logits.dtype}")
     N, Bg, V = logits.shape
-    if not isinstance(k, int) or not 1 <= k <= Bg * V:
-        raise ValueError(f"k must be an integer in [1, Bg * V = {Bg * V}], got {k!r}")
-    if not diversity_penalty >= 0:
-        raise ValueError(f"diversity_penalty must be >= 0, got {diversity_penalty!r}")
-    if counts is not None and counts.shape != (N, V):
-        raise ValueError(f"counts must be [N, V] = [{N}, {V}], got {tuple(counts.shape)}")
     check_same_device("logits", logits, running=running, counts=counts)
     check_launch(logits=logits)
     check_device(logits, "logits", _group_candidates_kernel)
