@@ -23,7 +23,7 @@ at this step)`` from log p(v) (Hamming diversity, Vijayakumar et al. eq. 4). The
 enters the running score, so it is part of ``sequences_scores``.
 
 transformers 4.56.2 runs *two* implementations, and they differ in corner cases that we
-reproduce (``_Rules`` below): plain beam search (G = 1) is vectorised; group beam search
+reproduce (``Rules`` below): plain beam search (G = 1) is vectorised; group beam search
 (G > 1) uses the older ``BeamSearchScorer``. They differ in (a) which score the stopping
 heuristic compares with, (b) which beams are kept as hypotheses when ``max_new_tokens``
 runs out, and (c) the filler after a finished hypothesis (``pad_token_id or eos`` vs
@@ -50,6 +50,8 @@ class BeamOutput:
     sequences: torch.Tensor         # [batch * num_return_sequences, T], prompt included
     sequences_scores: torch.Tensor  # [batch * num_return_sequences], length-normalised
 
+
+# ---- argument checks (the lesson imports them and names them in one sentence) ----
 
 def check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, attention_mask):
     """ValueError naming the argument for inputs that greedy and beam search share."""
@@ -80,90 +82,26 @@ def check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, a
         raise ValueError("attention_mask must describe left padding: zeros, then ones, last column all ones")
 
 
-class Stepper:
-    """Runs a batch of left-padded prompts through ``model`` with one KV cache.
-
-    Positions and mask follow HF ``generate``: position = cumsum(attention_mask) - 1
-    (padding gets 1), and a 4-D additive mask that hides padding keys. Without padding
-    both stay None and the model's own causal defaults apply.
-    """
-
-    def __init__(self, model, input_ids, attention_mask=None, max_new_tokens=0):
-        self.model, self.input_ids = model, input_ids
-        N, T = input_ids.shape
-        self.cache = model.empty_cache(N)
-        self.positions = self.mask = self.prompt_mask = None
-        if attention_mask is not None and not attention_mask.all():
-            keep = attention_mask.bool()
-            self.positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~keep, 1)
-            causal = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
-            self.prompt_mask = additive_mask(causal & keep[:, None, None, :])           # [N, 1, T, T]
-            future = torch.ones(N, max_new_tokens, dtype=torch.bool, device=keep.device)
-            self.mask = additive_mask(torch.cat([keep, future], 1))[:, None, None, :]  # [N, 1, 1, S]
-
-    def prompt(self) -> torch.Tensor:
-        """Encode the prompts; return the next-token logits [N, V] in fp32."""
-        return self.model(self.input_ids, self.positions, self.prompt_mask, self.cache,
-                          last_only=True)[:, -1].float()
-
-    def repeat(self, times: int) -> None:
-        """Give every prompt ``times`` identical cache rows (its beams), rows of a prompt adjacent."""
-        if times == 1:
-            return
-        self.cache.reorder(torch.arange(self.cache.batch_size, device=self.input_ids.device).repeat_interleave(times))
-        if self.mask is not None:
-            self.positions = self.positions.repeat_interleave(times, 0)
-            self.mask = self.mask.repeat_interleave(times, 0)
-
-    def step(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Continue row ``rows[i]`` of the cache with ``tokens[i]``; return logits [N, V].
-
-        Rows only move between beams of one prompt, which share positions and mask.
-        """
-        if rows is not None:
-            self.cache.reorder(rows)
-        past = len(self.cache)
-        positions = mask = None
-        if self.mask is not None:
-            positions = self.positions[:, -1:] + past - self.input_ids.shape[1] + 1
-            mask = self.mask[..., :past + 1]
-        return self.model(tokens[:, None], positions, mask, self.cache)[:, -1].float()
-
-
-@torch.no_grad()
-def greedy_search(model, input_ids, *, max_new_tokens, eos_token_id=None, pad_token_id=None,
-                  attention_mask=None) -> torch.Tensor:
-    """The argmax token at every step, as HF ``generate(do_sample=False, num_beams=1)``.
-
-    Once a row emits EOS it is filled with ``pad_token_id`` (EOS if None); decoding stops
-    when every row has finished or after ``max_new_tokens``. Returns [N, T + steps].
-    """
-    check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, attention_mask)
-    return greedy_decode(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, attention_mask)[0]
-
-
-def greedy_decode(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, attention_mask):
-    """Greedy search; returns (sequences, summed log-probs [N], generated lengths [N] incl. EOS)."""
-    pad = pad_token_id if pad_token_id is not None else eos_token_id
-    stepper = Stepper(model, input_ids, attention_mask, max_new_tokens)
-    logits = stepper.prompt()
-    out = [input_ids]
-    N = input_ids.shape[0]
-    running = torch.ones(N, dtype=torch.bool, device=input_ids.device)
-    logp_sum = torch.zeros(N, device=input_ids.device)
-    length = torch.zeros(N, dtype=torch.long, device=input_ids.device)
-    for t in range(max_new_tokens):
-        token = logits.argmax(-1)
-        logp_sum += torch.log_softmax(logits, -1).gather(1, token[:, None])[:, 0] * running
-        length += running
-        if eos_token_id is not None:
-            token = torch.where(running, token, pad)
-            running &= token != eos_token_id
-        out.append(token[:, None])
-        if t == max_new_tokens - 1 or not running.any():
-            break
-        logits = stepper.step(token)
-    return torch.cat(out, 1), logp_sum, length
+def check_beam_args(num_beams, num_beam_groups, diversity_penalty, num_return_sequences, early_stopping,
+                    length_penalty):
+    """ValueError naming the beam-search argument that is out of range."""
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if not isinstance(num_beam_groups, int) or num_beam_groups < 1 or num_beams % num_beam_groups:
+        raise ValueError(f"num_beam_groups must be an integer in [1, num_beams={num_beams}] that divides "
+                         f"num_beams, got {num_beam_groups!r}")
+    if not diversity_penalty >= 0:
+        raise ValueError(f"diversity_penalty must be >= 0, got {diversity_penalty!r}")
+    if diversity_penalty > 0 and num_beam_groups == 1:
+        raise ValueError("diversity_penalty > 0 needs num_beam_groups > 1 (it penalises tokens chosen "
+                         "by earlier groups)")
+    if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(f"num_return_sequences must be an integer in [1, num_beams={num_beams}], "
+                         f"got {num_return_sequences!r}")
+    if not any(early_stopping is e for e in EARLY_STOPPING):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if not isinstance(length_penalty, (int, float)) or length_penalty != length_penalty:
+        raise ValueError(f"length_penalty must be a real number, got {length_penalty!r}")
 
 
 def check_candidate_args(logits, running, counts, diversity_penalty, k) -> None:
@@ -198,12 +136,16 @@ def check_sequences(sequences, prompt_len, attention_mask) -> None:
                          f"(the prompt's mask), got {attention_mask!r:.80}")
 
 
-def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
-    """Top-k continuations of one beam group; logits [N, Bg, V], running scores [N, Bg].
 
-    candidate score = running + log_softmax(logits) - diversity_penalty * counts
-    (Vijayakumar et al. eq. 4: counts [N, V] = how often earlier groups chose each token
-    at this step). Returns (scores [N, k], flat indices [N, k] into Bg * V), best first.
+# ---- the pieces of beam search, in the order chapter 2 builds them ----
+
+def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
+    """Top-k continuations of one beam group; logits [N, Bg, V], running [N, Bg].
+
+    score = running + log_softmax(logits) - diversity_penalty * counts
+    (Vijayakumar et al. eq. 4: counts [N, V] = how often earlier groups chose
+    each token at this step). Returns (scores [N, k], flat indices [N, k] into
+    Bg * V), best first.
     """
     check_candidate_args(logits, running, counts, diversity_penalty, k)
     N, Bg, V = logits.shape
@@ -215,7 +157,7 @@ def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
 
 @dataclass
 class Hypotheses:
-    """Finished hypotheses: per prompt and group, the best Bg by length-normalised score."""
+    """Finished hypotheses: per prompt and group, the best Bg by normalised score."""
     scores: torch.Tensor    # [N, G, Bg], -1e9 where empty
     tokens: torch.Tensor    # [N, G, Bg, max_new] generated tokens, EOS included
     lengths: torch.Tensor   # [N, G, Bg] generated length, EOS included
@@ -224,195 +166,332 @@ class Hypotheses:
     @classmethod
     def empty(cls, N, G, Bg, max_new, fill, device):
         return cls(torch.full((N, G, Bg), -1e9, device=device),
-                   torch.full((N, G, Bg, max_new), fill, dtype=torch.long, device=device),
+                   torch.full((N, G, Bg, max_new), fill, dtype=torch.long,
+                              device=device),
                    torch.zeros((N, G, Bg), dtype=torch.long, device=device),
                    torch.zeros((N, G, Bg), dtype=torch.bool, device=device))
 
     def add(self, g, scores, tokens, length, accept):
-        """Merge candidates (scores [N, K], tokens [N, K, max_new]) where ``accept``; keep the best Bg."""
+        """Merge candidates (scores [N, K], tokens [N, K, max_new]) where
+        ``accept`` into group g; keep the best Bg."""
         Bg = self.scores.shape[2]
-        merged = torch.cat([self.scores[:, g], scores.masked_fill(~accept, float("-inf"))], 1)
+        new = scores.masked_fill(~accept, float("-inf"))
+        merged = torch.cat([self.scores[:, g], new], 1)
         best = merged.topk(Bg, dim=1).indices
         self.scores[:, g] = merged.gather(1, best)
-        all_tokens = torch.cat([self.tokens[:, g], tokens], 1)
-        self.tokens[:, g] = all_tokens.gather(1, best[..., None].expand(-1, -1, all_tokens.shape[2]))
-        self.lengths[:, g] = torch.cat([self.lengths[:, g], torch.full_like(scores, length, dtype=torch.long)],
+        toks = torch.cat([self.tokens[:, g], tokens], 1)
+        self.tokens[:, g] = toks.gather(1, best[..., None].expand_as(
+            self.tokens[:, g]))
+        lengths = torch.full_like(scores, length, dtype=torch.long)
+        self.lengths[:, g] = torch.cat([self.lengths[:, g], lengths],
                                        1).gather(1, best)
         self.full[:, g] = torch.cat([self.full[:, g], accept], 1).gather(1, best)
 
 
-def check_beam_args(num_beams, num_beam_groups, diversity_penalty, num_return_sequences, early_stopping,
-                    length_penalty):
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if not isinstance(num_beam_groups, int) or num_beam_groups < 1 or num_beams % num_beam_groups:
-        raise ValueError(f"num_beam_groups must be an integer in [1, num_beams={num_beams}] that divides "
-                         f"num_beams, got {num_beam_groups!r}")
-    if not diversity_penalty >= 0:
-        raise ValueError(f"diversity_penalty must be >= 0, got {diversity_penalty!r}")
-    if diversity_penalty > 0 and num_beam_groups == 1:
-        raise ValueError("diversity_penalty > 0 needs num_beam_groups > 1 (it penalises tokens chosen "
-                         "by earlier groups)")
-    if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
-        raise ValueError(f"num_return_sequences must be an integer in [1, num_beams={num_beams}], "
-                         f"got {num_return_sequences!r}")
-    if not any(early_stopping is e for e in EARLY_STOPPING):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if not isinstance(length_penalty, (int, float)) or length_penalty != length_penalty:
-        raise ValueError(f"length_penalty must be a real number, got {length_penalty!r}")
-
-
-@torch.no_grad()
-def sequence_logprobs(model, sequences, prompt_len, attention_mask=None):
-    """log p(token | prefix) [N, T - prompt_len] of every generated token, in one forward pass."""
-    check_sequences(sequences, prompt_len, attention_mask)
-    N, T = sequences.shape
-    mask = positions = None
-    if attention_mask is not None and not attention_mask.all():
-        keep = torch.cat([attention_mask.bool(), torch.ones(N, T - prompt_len, dtype=torch.bool,
-                                                             device=sequences.device)], 1)
-        positions = (keep.long().cumsum(-1) - 1).masked_fill(~keep, 1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=sequences.device).tril()
-        mask = additive_mask(causal & keep[:, None, None, :])
-    logits = model(sequences, positions, mask, model.empty_cache(N)).float()
-    logp = torch.log_softmax(logits[:, prompt_len - 1:-1], dim=-1)
-    return logp.gather(2, sequences[:, prompt_len:, None])[..., 0]
-
-
-@torch.no_grad()
-def beam_search(model, input_ids, *, num_beams, max_new_tokens, length_penalty=1.0, early_stopping=False,
-                eos_token_id=None, pad_token_id=None, attention_mask=None, num_return_sequences=1,
-                num_beam_groups=1, diversity_penalty=0.0) -> BeamOutput:
-    """Beam search (G = 1) or diverse beam search (G > 1), as HF ``generate(do_sample=False)``.
-
-    ``num_beams=1`` is greedy search (as in HF); its score is then the greedy sequence's
-    sum of log-probabilities / generated length ** length_penalty.
-    """
-    check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id, attention_mask)
-    check_beam_args(num_beams, num_beam_groups, diversity_penalty, num_return_sequences, early_stopping,
-                    length_penalty)
-    if num_beams == 1:
-        seqs, logp_sum, length = greedy_decode(model, input_ids, max_new_tokens, eos_token_id,
-                                               pad_token_id, attention_mask)
-        return BeamOutput(seqs, logp_sum / length.float() ** length_penalty)
-    N, P = input_ids.shape
-    B, G = num_beams, num_beam_groups
-    Bg, device = B // G, input_ids.device
-    rules = Rules(G > 1, early_stopping, length_penalty, max_new_tokens)
-    fill = rules.filler(eos_token_id, pad_token_id)
-    hyps = Hypotheses.empty(N, G, Bg, max_new_tokens, fill, device)
-    tokens = torch.full((N, B, max_new_tokens), fill, dtype=torch.long, device=device)
-    running = torch.full((N, G, Bg), -1e9, device=device)
-    running[:, :, 0] = 0  # only the first beam of each group is live at the start
-    running = running.view(N, B)
-    done = torch.zeros(N, G, dtype=torch.bool, device=device)   # scorer rules (G > 1)
-    open_ = torch.ones(N, dtype=torch.bool, device=device)        # vectorised rules (G = 1)
-    stepper = Stepper(model, input_ids, attention_mask, max_new_tokens)
-    logits = stepper.prompt()
-    stepper.repeat(B)
-    logits = logits.repeat_interleave(B, 0)
-    rank = torch.arange(2 * Bg, device=device)
-    for t in range(max_new_tokens):
-        last = t == max_new_tokens - 1
-        logits = logits.view(N, B, -1)
-        V = logits.shape[2]
-        counts = torch.zeros(N, V, device=device) if G > 1 else None
-        parents = torch.empty(N, B, dtype=torch.long, device=device)
-        chosen = torch.empty(N, B, dtype=torch.long, device=device)
-        new_running = torch.empty_like(running)
-        for g in range(G):
-            beams = slice(g * Bg, (g + 1) * Bg)
-            cand_scores, flat = group_candidates(logits[:, beams], running[:, beams], counts,
-                                                 diversity_penalty, 2 * Bg)
-            parent, token = flat // V + g * Bg, flat % V
-            ends = token == eos_token_id if eos_token_id is not None else torch.zeros_like(token, dtype=torch.bool)
-            # a candidate finishes only if it ranks in the group's top Bg (both rules)
-            finishing = (ends | (last and not rules.scorer)) & (rank < Bg)
-            accept = ~done[:, g, None] if rules.scorer else (open_ & ~rules.full_and_stopping(hyps))[:, None]
-            if (finishing & accept).any():
-                cand_tokens = tokens.gather(1, parent[..., None].expand(-1, -1, max_new_tokens))
-                cand_tokens[:, :, t] = token
-                hyps.add(g, cand_scores / (t + 1) ** length_penalty, cand_tokens, t + 1, finishing & accept)
-            # the Bg best candidates that did not end in EOS continue (stable sort keeps rank order)
-            keep = ends.long().argsort(dim=1, stable=True)[:, :Bg]
-            parents[:, beams] = parent.gather(1, keep)
-            new_running[:, beams] = cand_scores.gather(1, keep)
-            chosen[:, beams] = token.gather(1, keep)
-            if rules.scorer:  # a group done at an earlier step is fed padding (it still counts as a choice)
-                chosen[:, beams] = chosen[:, beams].masked_fill(done[:, g, None], fill)
-                done[:, g] |= rules.group_done(hyps, g, cand_scores[:, 0], t + 1)
-            if G > 1:
-                counts.scatter_add_(1, chosen[:, beams], torch.ones_like(chosen[:, beams], dtype=counts.dtype))
-        running = new_running
-        tokens = tokens.gather(1, parents[..., None].expand(-1, -1, max_new_tokens))
-        tokens[:, :, t] = chosen
-        if rules.scorer:
-            stop = bool(done.all())
-        else:
-            open_ &= rules.may_improve(hyps, running[:, 0], t + 1)
-            stop = not open_.any() or bool(rules.full_and_stopping(hyps).all())
-        if last or stop:
-            break
-        rows = (parents + torch.arange(N, device=device)[:, None] * B).view(-1)
-        logits = stepper.step(chosen.view(-1), rows)
-    if rules.scorer:  # BeamSearchScorer.finalize: unfinished groups add their running beams
-        for g in range(G):
-            beams = slice(g * Bg, (g + 1) * Bg)
-            accept = ~done[:, g, None].expand(N, Bg)
-            hyps.add(g, running[:, beams] / (t + 1) ** length_penalty, tokens[:, beams], t + 1, accept)
-    return collect(hyps, input_ids, num_return_sequences, fill)
-
-
-def collect(hyps: Hypotheses, input_ids, num_return_sequences, fill) -> BeamOutput:
-    """The best ``num_return_sequences`` hypotheses of each prompt over all groups, prompt prepended."""
-    N = input_ids.shape[0]
-    scores = hyps.scores.view(N, -1)
-    best = scores.sort(dim=1, descending=True, stable=True).indices[:, :num_return_sequences]
-    tokens = hyps.tokens.view(N, scores.shape[1], -1)
-    tokens = tokens.gather(1, best[..., None].expand(-1, -1, tokens.shape[2])).flatten(0, 1)
-    length = int(hyps.lengths.view(N, -1).gather(1, best).max())
-    prompt = input_ids.repeat_interleave(num_return_sequences, 0)
-    return BeamOutput(torch.cat([prompt, tokens[:, :length]], 1), scores.gather(1, best).flatten())
+def filler_token(scorer, eos, pad):
+    """The token after a finished hypothesis: ``pad``, except that HF's plain
+    beam search (not the scorer) fills with ``pad or eos``: a pad id of 0
+    becomes EOS."""
+    if pad is None or (not scorer and pad == 0 and eos is not None):
+        return eos if eos is not None else 0
+    return pad
 
 
 @dataclass
 class Rules:
-    """The stopping and bookkeeping rules of HF 4.56.2: BeamSearchScorer if ``scorer`` (G > 1),
+    """When to stop, as HF 4.56.2: BeamSearchScorer if ``scorer`` (G > 1),
     else the vectorised ``_beam_search``."""
     scorer: bool
     early_stopping: bool | str
     length_penalty: float
     max_new_tokens: int
 
-    def filler(self, eos, pad):
-        """Token after a finished hypothesis. Plain HF beam search fills with ``pad or eos``."""
-        if pad is None or (not self.scorer and pad == 0 and eos is not None):
-            return eos if eos is not None else 0
-        return pad
-
     def best_length(self, length):
-        """The generated length at which a running beam could score best (HF's heuristic)."""
+        """The length at which a running beam could score best (HF's bound)."""
         if self.early_stopping == "never" and self.length_penalty > 0:
             return self.max_new_tokens
         return length
 
     def full_and_stopping(self, hyps):
-        """Vectorised rules: with early_stopping=True a prompt whose B slots are full takes no more."""
+        """Vectorised: with early_stopping=True a full prompt takes no more."""
         return hyps.full[:, 0].all(1) & (self.early_stopping is True)
 
     def may_improve(self, hyps, best_running, length):
-        """Vectorised rules: could the best running beam still beat the worst finished one?"""
+        """Vectorised: could the best running beam beat the worst finished?"""
         bound = best_running / self.best_length(length) ** self.length_penalty
-        worst = torch.where(hyps.full[:, 0], hyps.scores[:, 0].min(1, keepdim=True).values, -1e9)
+        worst = hyps.scores[:, 0].min(1, keepdim=True).values
+        worst = torch.where(hyps.full[:, 0], worst, -1e9)
         return (bound[:, None] > worst).any(1)
 
     def group_done(self, hyps, g, best_candidate, length):
-        """Scorer rules (BeamHypotheses.is_done): the group is full and cannot improve."""
+        """Scorer (BeamHypotheses.is_done): group full and cannot improve."""
         full = hyps.full[:, g].all(1)
         if self.early_stopping is True:
             return full
         bound = best_candidate / self.best_length(length) ** self.length_penalty
         return full & (hyps.scores[:, g].min(1).values >= bound)
+
+
+def padded_positions_and_masks(attention_mask, max_new_tokens):
+    """HF's left padding: positions cumsum(mask) - 1 (padding gets 1), the
+    prompt's additive mask [N, 1, T, T] and the decoding mask [N, 1, 1,
+    T + max_new_tokens], both hiding the padding keys."""
+    keep = attention_mask.bool()
+    N, T = keep.shape
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~keep, 1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
+    prompt_mask = additive_mask(causal & keep[:, None, None, :])
+    future = torch.ones(N, max_new_tokens, dtype=torch.bool, device=keep.device)
+    mask = additive_mask(torch.cat([keep, future], 1))[:, None, None, :]
+    return positions, prompt_mask, mask
+
+
+class Stepper:
+    """Runs left-padded prompts through ``model`` with one KV cache."""
+
+    def __init__(self, model, input_ids, attention_mask=None, max_new_tokens=0):
+        self.model, self.input_ids = model, input_ids
+        self.cache = model.empty_cache(input_ids.shape[0])
+        self.positions = self.mask = self.prompt_mask = None  # no padding
+        if attention_mask is not None and not attention_mask.all():
+            self.positions, self.prompt_mask, self.mask = \
+                padded_positions_and_masks(attention_mask, max_new_tokens)
+
+    def prompt(self, beams: int = 1) -> torch.Tensor:
+        """Encode the prompts, ``beams`` cache rows each: logits [N * beams, V]."""
+        logits = self.model(self.input_ids, self.positions, self.prompt_mask,
+                            self.cache, last_only=True)[:, -1].float()
+        rows = torch.arange(len(logits), device=logits.device)
+        self.cache.reorder(rows.repeat_interleave(beams))
+        if self.mask is not None:
+            self.positions = self.positions.repeat_interleave(beams, 0)
+            self.mask = self.mask.repeat_interleave(beams, 0)
+        return logits.repeat_interleave(beams, 0)
+
+    def step(self, tokens: torch.Tensor, rows=None) -> torch.Tensor:
+        """Continue cache row ``rows[i]`` with ``tokens[i]``; logits [N, V]."""
+        if rows is not None:  # rows move only between beams of one prompt
+            self.cache.reorder(rows)
+        positions = mask = None
+        if self.mask is not None:
+            past, prompt_len = len(self.cache), self.input_ids.shape[1]
+            positions = self.positions[:, -1:] + past - prompt_len + 1
+            mask = self.mask[..., :past + 1]
+        out = self.model(tokens[:, None], positions, mask, self.cache)
+        return out[:, -1].float()
+
+
+def greedy_decode(model, input_ids, max_new_tokens, eos_token_id, pad_token_id,
+                  attention_mask):
+    """Greedy search; returns (sequences, summed log-probs [N], generated
+    lengths [N], EOS included)."""
+    pad = pad_token_id if pad_token_id is not None else eos_token_id
+    stepper = Stepper(model, input_ids, attention_mask, max_new_tokens)
+    logits = stepper.prompt()
+    out, device = [input_ids], input_ids.device
+    running = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
+    logp_sum = torch.zeros(input_ids.shape[0], device=device)
+    length = torch.zeros(input_ids.shape[0], dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        token = logits.argmax(-1)
+        logp = torch.log_softmax(logits, -1).gather(1, token[:, None])[:, 0]
+        logp_sum += logp * running
+        length += running
+        if eos_token_id is not None:
+            token = torch.where(running, token, pad)
+            running &= token != eos_token_id
+        out.append(token[:, None])
+        if t == max_new_tokens - 1 or not running.any():
+            break
+        logits = stepper.step(token)
+    return torch.cat(out, 1), logp_sum, length
+
+
+@torch.no_grad()
+def greedy_search(model, input_ids, *, max_new_tokens, eos_token_id=None,
+                  pad_token_id=None, attention_mask=None) -> torch.Tensor:
+    """The argmax token at every step, as HF ``generate(do_sample=False,
+    num_beams=1)``: a finished row is filled with ``pad_token_id`` (EOS if
+    None); stops when every row has finished. Returns [N, T + steps]."""
+    check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id,
+                 attention_mask)
+    return greedy_decode(model, input_ids, max_new_tokens, eos_token_id,
+                         pad_token_id, attention_mask)[0]
+
+
+@dataclass
+class BeamState:
+    """What beam search carries from step to step."""
+    tokens: torch.Tensor    # [N, B, max_new] generated tokens of the live beams
+    running: torch.Tensor   # [N, B] running scores, -1e9 for a slot not yet live
+    done: torch.Tensor      # [N, G] group finished (scorer rules, G > 1)
+    open: torch.Tensor      # [N] prompt still takes hypotheses (G = 1 rules)
+    hyps: Hypotheses
+
+    @classmethod
+    def start(cls, N, G, Bg, max_new, fill, device):
+        running = torch.full((N, G, Bg), -1e9, device=device)
+        running[:, :, 0] = 0  # only the first beam of each group is live
+        return cls(torch.full((N, G * Bg, max_new), fill, dtype=torch.long,
+                              device=device),
+                   running.view(N, G * Bg),
+                   torch.zeros(N, G, dtype=torch.bool, device=device),
+                   torch.ones(N, dtype=torch.bool, device=device),
+                   Hypotheses.empty(N, G, Bg, max_new, fill, device))
+
+
+def add_finished(state, rules, g, scores, parent, token, ends, t):
+    """Candidates that end in EOS and rank in the group's top Bg become
+    hypotheses; at the last step plain HF takes its top Bg, EOS or not."""
+    Bg = state.hyps.scores.shape[2]
+    last = t == rules.max_new_tokens - 1 and not rules.scorer
+    rank = torch.arange(2 * Bg, device=scores.device)
+    finishing = (ends | last) & (rank < Bg)
+    if rules.scorer:
+        accept = ~state.done[:, g, None]
+    else:
+        accept = (state.open & ~rules.full_and_stopping(state.hyps))[:, None]
+    if (finishing & accept).any():
+        index = parent[..., None].expand(-1, -1, state.tokens.shape[2])
+        tokens = state.tokens.gather(1, index)
+        tokens[:, :, t] = token
+        scores = scores / (t + 1) ** rules.length_penalty
+        state.hyps.add(g, scores, tokens, t + 1, finishing & accept)
+
+
+def advance_group(state, rules, g, logits, counts, t, eos, fill, penalty):
+    """Group g's step: its candidates, its finished hypotheses, its Bg
+    survivors (parents, scores, tokens, each [N, Bg]); adds the survivors'
+    tokens to ``counts`` for the next group's penalty."""
+    Bg, V = state.hyps.scores.shape[2], logits.shape[2]
+    beams = slice(g * Bg, (g + 1) * Bg)
+    scores, flat = group_candidates(logits[:, beams], state.running[:, beams],
+                                    counts, penalty, 2 * Bg)
+    parent, token = flat // V + g * Bg, flat % V
+    ends = (token == eos if eos is not None
+            else torch.zeros_like(flat, dtype=torch.bool))
+    add_finished(state, rules, g, scores, parent, token, ends, t)
+    # the Bg best that did not end in EOS go on (a stable sort keeps the rank)
+    keep = ends.long().argsort(dim=1, stable=True)[:, :Bg]
+    chosen = token.gather(1, keep)
+    if rules.scorer:  # a group done earlier is fed padding, still counted
+        chosen = chosen.masked_fill(state.done[:, g, None], fill)
+        state.done[:, g] |= rules.group_done(state.hyps, g, scores[:, 0], t + 1)
+    if counts is not None:
+        counts.scatter_add_(1, chosen, torch.ones_like(chosen, dtype=counts.dtype))
+    return parent.gather(1, keep), scores.gather(1, keep), chosen
+
+
+def beam_step(state, rules, logits, t, eos, fill, penalty):
+    """One step of every group in order (logits [N, B, V]); returns each new
+    beam's parent slot and token, [N, B]."""
+    N, B, V = logits.shape
+    G = state.done.shape[1]
+    counts = torch.zeros(N, V, device=logits.device) if G > 1 else None
+    groups = [advance_group(state, rules, g, logits, counts, t, eos, fill,
+                            penalty) for g in range(G)]
+    parents, state.running, chosen = (torch.cat(x, 1) for x in zip(*groups))
+    index = parents[..., None].expand_as(state.tokens)
+    state.tokens = state.tokens.gather(1, index)
+    state.tokens[:, :, t] = chosen
+    return parents, chosen
+
+
+def should_stop(state, rules, t):
+    """Scorer rules: every group is done. Vectorised rules: no prompt is
+    open any more (or all are full with early_stopping=True)."""
+    if rules.scorer:
+        return bool(state.done.all())
+    state.open &= rules.may_improve(state.hyps, state.running[:, 0], t + 1)
+    full = rules.full_and_stopping(state.hyps)
+    return not state.open.any() or bool(full.all())
+
+
+def add_running_beams(state, rules, t):
+    """BeamSearchScorer.finalize: groups not done add their running beams."""
+    N, G, Bg = state.hyps.scores.shape
+    for g in range(G):
+        beams = slice(g * Bg, (g + 1) * Bg)
+        scores = state.running[:, beams] / (t + 1) ** rules.length_penalty
+        accept = ~state.done[:, g, None].expand(N, Bg)
+        state.hyps.add(g, scores, state.tokens[:, beams], t + 1, accept)
+
+
+def collect(hyps: Hypotheses, input_ids, num_return_sequences):
+    """The best ``num_return_sequences`` hypotheses of each prompt over all
+    groups, prompt prepended."""
+    N = input_ids.shape[0]
+    scores = hyps.scores.view(N, -1)
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    best = order[:, :num_return_sequences]
+    tokens = hyps.tokens.view(N, scores.shape[1], -1)
+    index = best[..., None].expand(-1, -1, tokens.shape[2])
+    tokens = tokens.gather(1, index).flatten(0, 1)
+    length = int(hyps.lengths.view(N, -1).gather(1, best).max())
+    prompt = input_ids.repeat_interleave(num_return_sequences, 0)
+    return BeamOutput(torch.cat([prompt, tokens[:, :length]], 1),
+                      scores.gather(1, best).flatten())
+
+
+def beam_decode(model, input_ids, attention_mask, B, G, rules, eos, pad,
+                penalty):
+    """B beams in G groups from each prompt; returns the finished Hypotheses."""
+    N, max_new = input_ids.shape[0], rules.max_new_tokens
+    fill = filler_token(rules.scorer, eos, pad)
+    state = BeamState.start(N, G, B // G, max_new, fill, input_ids.device)
+    stepper = Stepper(model, input_ids, attention_mask, max_new)
+    logits = stepper.prompt(B)
+    first_row = torch.arange(N, device=input_ids.device)[:, None] * B
+    for t in range(max_new):
+        parents, chosen = beam_step(state, rules, logits.view(N, B, -1), t,
+                                    eos, fill, penalty)
+        if t == max_new - 1 or should_stop(state, rules, t):
+            break
+        logits = stepper.step(chosen.view(-1), (parents + first_row).view(-1))
+    if rules.scorer:
+        add_running_beams(state, rules, t)
+    return state.hyps
+
+
+@torch.no_grad()
+def beam_search(model, input_ids, *, num_beams, max_new_tokens,
+                length_penalty=1.0, early_stopping=False, eos_token_id=None,
+                pad_token_id=None, attention_mask=None, num_return_sequences=1,
+                num_beam_groups=1, diversity_penalty=0.0) -> BeamOutput:
+    """Beam search (G = 1) or diverse beam search (G > 1), as HF
+    ``generate(do_sample=False)``. ``num_beams=1`` is greedy search; its
+    score is the summed log-probability / length ** length_penalty."""
+    check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id,
+                 attention_mask)
+    check_beam_args(num_beams, num_beam_groups, diversity_penalty,
+                    num_return_sequences, early_stopping, length_penalty)
+    if num_beams == 1:
+        seqs, logp, length = greedy_decode(model, input_ids, max_new_tokens,
+                                           eos_token_id, pad_token_id,
+                                           attention_mask)
+        return BeamOutput(seqs, logp / length.float() ** length_penalty)
+    rules = Rules(num_beam_groups > 1, early_stopping, length_penalty,
+                  max_new_tokens)
+    hyps = beam_decode(model, input_ids, attention_mask, num_beams,
+                       num_beam_groups, rules, eos_token_id, pad_token_id,
+                       diversity_penalty)
+    return collect(hyps, input_ids, num_return_sequences)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, sequences, prompt_len, attention_mask=None):
+    """log p(token | prefix) [N, T - prompt_len] of every generated token,
+    in one uncached forward pass."""
+    check_sequences(sequences, prompt_len, attention_mask)
+    N, T = sequences.shape
+    mask = positions = None
+    if attention_mask is not None and not attention_mask.all():
+        generated = torch.ones_like(sequences[:, prompt_len:])
+        full = torch.cat([attention_mask.to(generated), generated], 1)
+        positions, mask, _ = padded_positions_and_masks(full, 0)
+    logits = model(sequences, positions, mask, model.empty_cache(N)).float()
+    logp = torch.log_softmax(logits[:, prompt_len - 1:-1], dim=-1)
+    return logp.gather(2, sequences[:, prompt_len:, None])[..., 0]
 
 
 # ---- metrics for a set of hypotheses (Vijayakumar et al. sec. 5: distinct-n, oracle/quality) ----

@@ -13,7 +13,7 @@ NUMBER = re.compile(r"^-?\d+(\.\d+)?")
 
 def copy_sources(tmp_path):
     """Copy index.md and every JSON file the table reads (those that exist) under tmp_path."""
-    rels = {s for _, sources, _, _ in landing.CLAIMS for s in sources} | {landing.INDEX}
+    rels = {s for _, sources, *_ in landing.CLAIMS for s in sources} | {landing.INDEX}
     for rel in rels:
         if (landing.ROOT / rel).exists():
             (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +38,7 @@ def test_every_measured_value_is_a_number_read_from_its_json():
             assert m, row
             float(m.group())
             assert row["met"] in ("yes", "**no**", "n/a"), row
+            assert row["verdict"] in landing.VERDICTS, row
         else:  # only chapter 1's training records may still be on their way
             assert all(s.startswith("refimpl/assets/pointer/") for s in row["sources"]), row
             assert row["measured"] == landing.MISSING
@@ -75,6 +76,7 @@ def test_tampered_pointer_record_changes_its_row(tmp_path):
     path.write_text(json.dumps(data))
     row = next(r for r in landing.claim_rows(root) if "TSP n=5" in r["claim"])
     assert "gap 5.00%" in row["measured"] and row["met"] == "**no**"
+    assert row["verdict"] == "not reproduced"
 
 
 def test_missing_record_reads_not_yet_measured_but_missing_row_fails(tmp_path):

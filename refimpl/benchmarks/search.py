@@ -60,8 +60,7 @@ def run(batch: int = 2, new_tokens: int = 32, repeats: int = 5) -> dict:
         @torch.no_grad()
         def run_forwards():
             stepper = Stepper(ours, prompts)
-            stepper.prompt()
-            stepper.repeat(B)
+            stepper.prompt(B)
             step_tokens = torch.zeros(batch * B, dtype=torch.long)
             for _ in range(new_tokens - 1):
                 stepper.step(step_tokens)

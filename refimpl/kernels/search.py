@@ -31,44 +31,50 @@ from refimpl.search import check_candidate_args
 
 
 @triton.jit
+def _row_logsumexp(base, V, BLOCK_V: tl.constexpr):
+    """log sum_v exp(x[v]) of one row of V values, in one pass of blocks:
+    each lane keeps a running max m and a normaliser l (online softmax)."""
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        ok = start + offs < V
+        x = tl.load(base + start + offs, mask=ok, other=float("-inf"))
+        x = x.to(tl.float32)
+        m_new = tl.maximum(m, x)
+        # a lane that has seen only padding keeps m = -inf: shift it by 0
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+        m = m_new
+    m_row = tl.max(m, 0)
+    return m_row + tl.log(tl.sum(l * tl.exp(m - m_row), 0))
+
+
+@triton.jit
 def _group_candidates_kernel(
     Logits, Running, Counts, OutVal, OutIdx,
     stride_lr, stride_cn, Bg, V, n_blocks, penalty, K,
     BLOCK_V: tl.constexpr, HAS_PENALTY: tl.constexpr,
 ):
-    row = tl.program_id(0)              # row = n * Bg + j
+    row = tl.program_id(0)              # one program per beam: row = n * Bg + j
     n = row // Bg
     j = row % Bg
     offs = tl.arange(0, BLOCK_V)
     base = Logits + row * stride_lr
-
-    # pass 1: log-sum-exp over the vocabulary, online (max m, normaliser l)
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, x)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes that saw only padding
-        l = l * tl.exp(m - m_safe) + tl.exp(x - m_safe)
-        m = m_new
-    m_row = tl.max(m, 0)
-    lse = m_row + tl.log(tl.sum(l * tl.exp(m - m_row), 0))
-
-    # pass 2: candidate scores, each block's K best
-    shift = tl.load(Running + row).to(tl.float32) - lse
+    # pass 1: the row's log-sum-exp; pass 2: scores, each block's K best
+    shift = tl.load(Running + row).to(tl.float32) - _row_logsumexp(base, V, BLOCK_V)
     for blk in range(0, n_blocks):
         cols = blk * BLOCK_V + offs
         ok = cols < V
         s = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32) + shift
         if HAS_PENALTY:
-            c = tl.load(Counts + n * stride_cn + cols, mask=ok, other=0.0).to(tl.float32)
-            s = s - penalty * c
+            c = tl.load(Counts + n * stride_cn + cols, mask=ok, other=0.0)
+            s = s - penalty * c.to(tl.float32)
         s = tl.where(ok, s, float("-inf"))
         out = (row * n_blocks + blk) * K
-        for i in range(0, K):
-            best = tl.max(s, 0)
+        for i in range(0, K):           # K rounds of max, store, mask out
             at = tl.argmax(s, 0)
-            tl.store(OutVal + out + i, best)
+            tl.store(OutVal + out + i, tl.max(s, 0))
             tl.store(OutIdx + out + i, (j * V + blk * BLOCK_V + at).to(tl.int64))
             s = tl.where(offs == at, float("-inf"), s)
 
