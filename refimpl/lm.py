@@ -80,25 +80,27 @@ def check_attention_args(q, k, v, backend: str) -> None:
                          f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
 
 
-def causal_mask(T: int, S: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def causal_mask(T: int, S: int, device=None,
+                dtype=torch.float32) -> torch.Tensor:
     """Additive [T, S] mask for T new queries that follow S - T cached keys."""
     check_mask_size(T, S)
-    allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+    allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
     return additive_mask(allowed, dtype)
 
 
 def additive_mask(allowed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Turn a boolean "may attend" mask into an additive one (0 or the dtype's minimum).
+    """Turn a boolean "may attend" mask into an additive one (0 or the dtype's
+    minimum).
 
     The minimum, not -inf, so that a fully masked row (a padding query) gives a
     uniform softmax instead of NaN.
     """
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def attention(q, k, v, attn_mask=None, backend="sdpa"):
-    """softmax(q k^T / sqrt(d) + mask) v for q [B, H, T, D], k and v [B, H, S, D].
+    """softmax(q k^T / sqrt(d) + mask) v; q [B, H, T, D], k and v [B, H, S, D].
 
     With ``attn_mask=None`` the mask is causal and bottom-right aligned: query i
     sees keys 0 .. S - T + i (the new tokens come after the cached ones).
@@ -107,15 +109,17 @@ def attention(q, k, v, attn_mask=None, backend="sdpa"):
     T, S = q.shape[-2], k.shape[-2]
     if backend == "triton":
         if attn_mask is not None:
-            raise ValueError("attn_backend='triton' supports only the built-in causal mask; "
-                             "use 'sdpa' or 'math' with an explicit attn_mask")
+            raise ValueError(
+                "attn_backend='triton' supports only the built-in causal mask; "
+                "use 'sdpa' or 'math' with an explicit attn_mask")
         from refimpl.kernels.attention import flash_attention
         return flash_attention(q, k, v, causal=True)[0]
     if attn_mask is None and T > 1:
         attn_mask = causal_mask(T, S, q.device, q.dtype)
     elif attn_mask is not None and attn_mask.dtype != q.dtype:
-        # CPU SDPA in torch 2.13 gives wrong results for a mask in another dtype than q;
-        # clamp so that a float32 minimum does not become -inf in float16.
+        # CPU SDPA in torch 2.13 gives wrong results for a mask in another
+        # dtype than q; clamp so that a float32 minimum does not become -inf
+        # in float16.
         attn_mask = attn_mask.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -320,12 +324,14 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln2 = nn.LayerNorm(config.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
-                                 nn.Linear(4 * config.n_embd, config.n_embd))
+        self.mlp = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
+            nn.Linear(4 * config.n_embd, config.n_embd))
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, attn_mask=None, cache=None, layer=0, backend="sdpa"):
-        x = x + self.dropout(self.attn(self.ln1(x), attn_mask, cache, layer, backend))
+        x = x + self.dropout(
+            self.attn(self.ln1(x), attn_mask, cache, layer, backend))
         return x + self.dropout(self.mlp(self.ln2(x)))
 
 
@@ -445,8 +451,10 @@ def check_generate_args(model, input_ids, max_new_tokens, temperature) -> None:
 
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample ``max_new_tokens`` after ``input_ids`` [B, T]; temperature 0 is greedy.
+             use_cache: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ``max_new_tokens`` after ``input_ids`` [B, T]; temperature 0 is
+    greedy.
 
     With ``use_cache=False`` every step re-runs the whole prefix: the baseline
     that shows what the KV cache saves.

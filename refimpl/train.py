@@ -3,6 +3,12 @@
 AdamW with linear warm-up and cosine decay, next-character cross-entropy on
 Tiny Shakespeare. Writes ``refimpl/assets/NAME.pt`` and ``NAME.json`` (config,
 seed, steps, seconds, final train/val loss and the loss curve).
+
+``train`` is a loop over named pieces, which chapter 0 (notebooks/00_workbench.ipynb)
+teaches one by one with the same code: ``build_model``, ``make_optimizer``, the
+schedule ``lr_at`` applied by ``set_lr``, the loss of one batch (``batch_loss``:
+``lm_loss`` or ``distill_loss``), ``optimizer_step``, the evaluation
+(``validation_loss``, ``evaluate``) and ``training_record``.
 """
 from __future__ import annotations
 
@@ -80,14 +86,17 @@ def lr_at(step: int, p: Preset) -> float:
     if step < p.warmup:
         return p.lr * (step + 1) / p.warmup
     progress = (step - p.warmup) / max(1, p.steps - p.warmup)
-    return p.min_lr + 0.5 * (p.lr - p.min_lr) * (1 + math.cos(math.pi * progress))
+    half_span = 0.5 * (p.lr - p.min_lr)
+    return p.min_lr + half_span * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
-def evaluate(model: TinyGPT, ids: torch.Tensor, block_size: int, max_windows: int | None = None,
-             batch_size: int = 64) -> float:
-    """Mean cross-entropy (nats/char) over consecutive non-overlapping windows of ``ids``."""
-    check_int("block_size", block_size, 1, min(len(ids) - 1, model.config.block_size))
+def evaluate(model: TinyGPT, ids: torch.Tensor, block_size: int,
+             max_windows: int | None = None, batch_size: int = 64) -> float:
+    """Mean cross-entropy (nats/char) over consecutive non-overlapping windows
+    of ``ids`` (the first ``max_windows`` of them if given)."""
+    longest = min(len(ids) - 1, model.config.block_size)
+    check_int("block_size", block_size, 1, longest)
     check_int("batch_size", batch_size, 1)
     n = (len(ids) - 1) // block_size
     if max_windows is not None:
@@ -99,7 +108,8 @@ def evaluate(model: TinyGPT, ids: torch.Tensor, block_size: int, max_windows: in
     total = 0.0
     for i in range(0, n, batch_size):
         logits = model(x[i:i + batch_size])
-        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch_size].flatten(),
+        targets = y[i:i + batch_size].flatten()
+        total += F.cross_entropy(logits.flatten(0, 1), targets,
                                  reduction="sum").item()
     model.train(was_training)
     return total / (n * block_size)
@@ -139,71 +149,132 @@ def teacher_text(teacher: TinyGPT, ids: torch.Tensor, num: int, block_size: int,
     return torch.cat(out)
 
 
-def train(name: str, preset: Preset, out_dir: Path = CHECKPOINTS, eval_every: int = 250,
-          progress: bool = True) -> dict:
-    check_preset(preset)
-    check_int("eval_every", eval_every, 1)
-    torch.manual_seed(preset.seed)
-    tokenizer = CharTokenizer.from_corpus()
-    train_ids, val_ids = splits(tokenizer)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=preset.block_size,
-                       n_layer=preset.n_layer, n_head=preset.n_head, n_embd=preset.n_embd,
-                       dropout=preset.dropout)
+def build_model(preset: Preset, vocab_size: int) -> TinyGPT:
+    """A fresh TinyGPT of the preset's size (from the global seed), or a copy of
+    ``preset.init``; with ``train_only``, every other parameter is frozen."""
+    config = GPTConfig(vocab_size=vocab_size, block_size=preset.block_size,
+                       n_layer=preset.n_layer, n_head=preset.n_head,
+                       n_embd=preset.n_embd, dropout=preset.dropout)
     model = TinyGPT(config)
     if preset.init:
         init = load(preset.init)
         if init.config != config:
-            raise ValueError(f"init checkpoint {preset.init!r} has config {init.config}, the preset {config}")
+            raise ValueError(f"init checkpoint {preset.init!r} has config "
+                             f"{init.config}, the preset {config}")
         model.load_state_dict(init.state_dict())
     if preset.train_only:
         for pname, p in model.named_parameters():
             p.requires_grad_(preset.train_only in pname)
-    if preset.task == "edit":  # refimpl.editing samples passages from text
-        train_text, val_text = tokenizer.decode(train_ids), tokenizer.decode(val_ids)
+    return model
+
+
+def make_optimizer(model: TinyGPT, preset: Preset) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices only
+    (not on biases and LayerNorm gains), as in GPT-2 and nanoGPT."""
     trained = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trained if p.ndim >= 2]
     no_decay = [p for p in trained if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": preset.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=preset.lr,
-                            betas=(0.9, 0.99))
-    gen = torch.Generator().manual_seed(preset.seed)
-    start = time.perf_counter()
-    if preset.teacher:  # corpus windows, plus text the teacher wrote, with its log-probs
+    groups = [{"params": decay, "weight_decay": preset.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=preset.lr, betas=(0.9, 0.99))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Give every parameter group the learning rate ``lr`` (from ``lr_at``)."""
+    check_real("lr", lr, 0.0)
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def lm_loss(model: TinyGPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of the model on x [B, T] against y [B, T]
+    (labels -100 are ignored: the editing task scores only its answers)."""
+    logits = model(x)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+
+
+def distill_loss(model: TinyGPT, x: torch.Tensor,
+                 teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the teacher's distribution, KL(teacher || model) + const
+    (Hinton et al. 2015): teacher_logp [B, T, V] from ``teacher_log_probs``."""
+    p_teacher = teacher_logp.float().exp()
+    return -(p_teacher * model(x).log_softmax(-1)).sum(-1).mean()
+
+
+def optimizer_step(model: TinyGPT, opt: torch.optim.Optimizer,
+                   loss: torch.Tensor, max_norm: float = 1.0) -> None:
+    """One update: gradients of ``loss``, their global norm clipped to
+    ``max_norm``, then the AdamW step."""
+    check_real("max_norm", max_norm, 0.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(trained, max_norm)
+    opt.step()
+
+
+@dataclass
+class TrainData:
+    """What the training loop draws batches from, for every task."""
+    tokenizer: CharTokenizer
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
+    train_text: str | None = None  # task "edit": refimpl.editing samples passages
+    val_text: str | None = None
+    windows: torch.Tensor | None = None  # teacher: windows [N, T] and the
+    teacher_logp: torch.Tensor | None = None  # teacher's log-probs [N, T, V]
+
+
+def training_data(preset: Preset, tokenizer: CharTokenizer, train_ids, val_ids,
+                  gen: torch.Generator, progress: bool = True) -> TrainData:
+    """The corpus splits, plus the preset's extras: the text of the splits for
+    editing; for distillation, corpus windows and text the teacher wrote, with
+    the teacher's log-probabilities (computed once, before training)."""
+    data = TrainData(tokenizer, train_ids, val_ids)
+    if preset.task == "edit":
+        data.train_text = tokenizer.decode(train_ids)
+        data.val_text = tokenizer.decode(val_ids)
+    if preset.teacher:
         teacher = load(preset.teacher)
         n = len(train_ids) // preset.block_size
         windows = train_ids[: n * preset.block_size].view(n, preset.block_size)
         if preset.teacher_samples:
-            windows = torch.cat([windows, teacher_text(teacher, train_ids, preset.teacher_samples,
-                                                       preset.block_size, gen, progress=progress)])
-        teacher_logp = teacher_log_probs(teacher, windows, progress=progress)
-    curve = []
-    bar = tqdm(range(preset.steps), desc=f"train {name}", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, preset)
-        if preset.teacher:  # cross-entropy to the teacher's distribution = KL(teacher || model) + const
-            rows = torch.randint(len(windows), (preset.batch_size,), generator=gen)
-            p_teacher = teacher_logp[rows].float().exp()
-            loss = -(p_teacher * model(windows[rows]).log_softmax(-1)).sum(-1).mean()
-        elif preset.task == "edit":
-            x, y = edit_batch(tokenizer, train_text, preset.batch_size, preset.block_size, gen)
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
-        else:
-            x, y = get_batch(train_ids, preset.batch_size, preset.block_size, gen)
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        opt.step()
-        if (step + 1) % eval_every == 0 or step + 1 == preset.steps:
-            val = (edit_loss(model, tokenizer, val_text, preset.block_size) if preset.task == "edit"
-                   else evaluate(model, val_ids, preset.block_size, max_windows=128))
-            curve.append({"step": step + 1, "train_loss": round(loss.item(), 4),
-                          "val_loss": round(val, 4),
-                          "seconds": round(time.perf_counter() - start, 1)})
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}")
-    seconds = time.perf_counter() - start
+            written = teacher_text(teacher, train_ids, preset.teacher_samples,
+                                   preset.block_size, gen, progress=progress)
+            windows = torch.cat([windows, written])
+        data.windows = windows
+        data.teacher_logp = teacher_log_probs(teacher, windows, progress=progress)
+    return data
+
+
+def batch_loss(model: TinyGPT, preset: Preset, data: TrainData,
+               gen: torch.Generator) -> torch.Tensor:
+    """The loss on one random batch of the preset's task."""
+    B, T = preset.batch_size, preset.block_size
+    if preset.teacher:
+        rows = torch.randint(len(data.windows), (B,), generator=gen)
+        return distill_loss(model, data.windows[rows], data.teacher_logp[rows])
+    if preset.task == "edit":
+        x, y = edit_batch(data.tokenizer, data.train_text, B, T, gen)
+    else:
+        x, y = get_batch(data.train_ids, B, T, gen)
+    return lm_loss(model, x, y)
+
+
+def validation_loss(model: TinyGPT, preset: Preset, data: TrainData) -> float:
+    """The curve's validation loss: the first 128 validation windows (editing:
+    the answers' loss on held-out passages)."""
+    if preset.task == "edit":
+        return edit_loss(model, data.tokenizer, data.val_text, preset.block_size)
+    return evaluate(model, data.val_ids, preset.block_size, max_windows=128)
+
+
+def training_record(name: str, preset: Preset, model: TinyGPT, data: TrainData,
+                    curve: list, seconds: float) -> dict:
+    """The JSON written beside the checkpoint: the final losses on 512 training
+    windows and on the whole validation split, the curve, how it was made."""
     model.eval()
+    T = preset.block_size
     result = {
         "name": name,
         "command": f"python -m refimpl.train --preset {name}",
@@ -212,14 +283,47 @@ def train(name: str, preset: Preset, out_dir: Path = CHECKPOINTS, eval_every: in
         "seconds": round(seconds, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "final_train_loss": round(evaluate(model, train_ids, preset.block_size, max_windows=512), 4),
-        "final_val_loss": round(evaluate(model, val_ids, preset.block_size), 4),
+        "final_train_loss": round(evaluate(model, data.train_ids, T, max_windows=512), 4),
+        "final_val_loss": round(evaluate(model, data.val_ids, T), 4),
         "curve": curve,
     }
     if preset.task == "edit":  # the curve's val_loss is the answers' loss on held-out passages
-        result["final_edit_val_loss"] = round(edit_loss(model, tokenizer, val_text, preset.block_size, 256), 4)
+        result["final_edit_val_loss"] = round(
+            edit_loss(model, data.tokenizer, data.val_text, T, 256), 4)
+    return result
+
+
+def train(name: str, preset: Preset, out_dir: Path = CHECKPOINTS, eval_every: int = 250,
+          progress: bool = True) -> dict:
+    """Train the preset's model from its seed; write ``out_dir/NAME.pt`` and
+    ``NAME.json`` (``training_record``) and return the record."""
+    check_preset(preset)
+    check_int("eval_every", eval_every, 1)
+    torch.manual_seed(preset.seed)
+    tokenizer = CharTokenizer.from_corpus()
+    train_ids, val_ids = splits(tokenizer)
+    model = build_model(preset, tokenizer.vocab_size)
+    opt = make_optimizer(model, preset)
+    gen = torch.Generator().manual_seed(preset.seed)
+    start = time.perf_counter()
+    data = training_data(preset, tokenizer, train_ids, val_ids, gen, progress)
+    curve = []
+    bar = tqdm(range(preset.steps), desc=f"train {name}", disable=not progress)
+    for step in bar:
+        set_lr(opt, lr_at(step, preset))
+        loss = batch_loss(model, preset, data, gen)
+        optimizer_step(model, opt, loss)
+        if (step + 1) % eval_every == 0 or step + 1 == preset.steps:
+            val = validation_loss(model, preset, data)
+            curve.append({"step": step + 1, "train_loss": round(loss.item(), 4),
+                          "val_loss": round(val, 4),
+                          "seconds": round(time.perf_counter() - start, 1)})
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}")
+    result = training_record(name, preset, model, data, curve,
+                             time.perf_counter() - start)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save(model, out_dir / f"{name}.pt", base=preset.init if preset.train_only else None, **result)
+    save(model, out_dir / f"{name}.pt", base=preset.init if preset.train_only else None,
+         **result)
     return result
 
 

@@ -6,7 +6,11 @@ import torch
 
 from refimpl import lm
 from refimpl.data import splits
-from refimpl.train import PRESETS, evaluate, lr_at, teacher_log_probs, teacher_text, train
+import torch.nn.functional as F
+
+from refimpl.train import (PRESETS, build_model, distill_loss, evaluate, lm_loss, lr_at,
+                           make_optimizer, optimizer_step, set_lr, teacher_log_probs,
+                           teacher_text, train)
 
 
 @pytest.mark.parametrize("name", ["draft", "target", "draft_distilled", "editor"])
@@ -128,3 +132,62 @@ def test_bad_preset_is_refused_before_training(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
         train("smoke", replace(PRESETS["smoke"], **change), out_dir=tmp_path, progress=False)
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_training_pieces_decay_groups_masked_loss_and_clipped_step():
+    """The pieces train() and chapter 0 are made of, each against an independent computation."""
+    p = PRESETS["smoke"]
+    torch.manual_seed(0)
+    model = build_model(p, vocab_size=65)
+    assert model.config.n_embd == p.n_embd and model.config.block_size == p.block_size
+    opt = make_optimizer(model, p)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == p.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(q.ndim >= 2 for q in decay["params"]) and all(q.ndim < 2 for q in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    set_lr(opt, 3e-4)
+    assert [g["lr"] for g in opt.param_groups] == [3e-4, 3e-4]
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(65, (4, 16), generator=g), torch.randint(65, (4, 16), generator=g)
+    logits = model(x)
+    assert lm_loss(model, x, y).item() == pytest.approx(
+        F.cross_entropy(logits.reshape(-1, 65), y.reshape(-1)).item(), rel=1e-5)
+    y_masked = y.clone()
+    y_masked[:, :10] = -100  # only the last 6 positions are scored
+    assert lm_loss(model, x, y_masked).item() == pytest.approx(
+        F.cross_entropy(logits[:, 10:].reshape(-1, 65), y[:, 10:].reshape(-1)).item(), rel=1e-5)
+
+    before = [q.detach().clone() for q in model.parameters()]
+    optimizer_step(model, opt, 1e6 * lm_loss(model, x, y))  # a huge loss: clipping bounds it
+    grad_norm = torch.linalg.vector_norm(torch.stack([q.grad.norm() for q in model.parameters()]))
+    assert grad_norm.item() <= 1.0 + 1e-4
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_distill_loss_is_cross_entropy_to_the_teacher():
+    torch.manual_seed(0)
+    model = build_model(PRESETS["smoke"], vocab_size=65)
+    x = torch.randint(65, (2, 8))
+    with torch.no_grad():
+        logp = model(x).log_softmax(-1)
+        own = distill_loss(model, x, logp)  # the model as its own teacher: its entropy
+        entropy = -(logp.exp() * logp).sum(-1).mean()
+        other = torch.randn(2, 8, 65).log_softmax(-1)
+        kl = (other.exp() * (other - logp)).sum(-1).mean()
+        cross = distill_loss(model, x, other)
+        other_entropy = -(other.exp() * other).sum(-1).mean()
+    assert own.item() == pytest.approx(entropy.item(), rel=1e-5)
+    assert cross.item() == pytest.approx((kl + other_entropy).item(), rel=1e-5)  # KL + const
+
+
+def test_training_pieces_refuse_bad_arguments():
+    model = build_model(PRESETS["smoke"], vocab_size=65)
+    opt = make_optimizer(model, PRESETS["smoke"])
+    with pytest.raises(ValueError, match="lr"):
+        set_lr(opt, -1e-3)
+    with pytest.raises(ValueError, match="lr"):
+        set_lr(opt, float("nan"))
+    loss = lm_loss(model, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_norm"):
+        optimizer_step(model, opt, loss, max_norm=-1.0)

@@ -7,15 +7,22 @@ from refimpl.bench import median_seconds, print_table, write_results
 from refimpl.lm import generate, load
 
 
+def seconds_per_generation(model, prompt_len: int, new_tokens: int, use_cache: bool,
+                           repeats: int = 5, warmup: int = 1) -> float:
+    """Median seconds of one greedy generation of ``new_tokens`` after a prompt of
+    ``prompt_len`` zeros at batch 1 (chapter 0's live re-run calls this too)."""
+    prompt = torch.zeros(1, prompt_len, dtype=torch.long)
+    return median_seconds(lambda: generate(model, prompt, new_tokens, temperature=0,
+                                           use_cache=use_cache), repeats, warmup)
+
+
 def run(prompt_len: int = 16, new_tokens: int = 128, repeats: int = 5) -> dict:
     """Greedy generation tokens/s, with and without the KV cache, for draft and target."""
-    prompt = torch.zeros(1, prompt_len, dtype=torch.long)
     rows = []
     for name in tqdm(["draft", "target"], desc="workbench"):
         model = load(name)
         for use_cache in (True, False):
-            sec = median_seconds(lambda: generate(model, prompt, new_tokens, temperature=0,
-                                                  use_cache=use_cache), repeats)
+            sec = seconds_per_generation(model, prompt_len, new_tokens, use_cache, repeats)
             rows.append({"model": name, "kv_cache": use_cache, "params": model.num_parameters(),
                          "tokens_per_s": new_tokens / sec, "ms_per_token": 1e3 * sec / new_tokens})
     print_table(rows)
