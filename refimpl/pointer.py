@@ -96,12 +96,14 @@ def check_task_args(task: str, n: int, batch_size: int, input_order: str, output
 def tour_length(points: torch.Tensor, tour: torch.Tensor) -> torch.Tensor:
     """Length of each closed tour [B] (the edge back to the start included)."""
     check_tour(tour, points)
-    ordered = points.gather(1, tour.long()[..., None].expand(-1, -1, points.shape[-1]))
+    index = tour.long()[..., None].expand(-1, -1, points.shape[-1])
+    ordered = points.gather(1, index)
     return (ordered - ordered.roll(-1, dims=1)).norm(dim=-1).sum(-1)
 
 
 def canonical_tour(tour: torch.Tensor) -> torch.Tensor:
-    """Rotate each tour [B, n] to start at city 0 and orient it so that tour[1] < tour[-1]."""
+    """Rotate each tour [B, n] to start at city 0 and orient it so that
+    tour[1] < tour[-1]."""
     check_tour(tour)
     start = (tour == 0).long().argmax(1, keepdim=True)
     n = tour.shape[1]
@@ -111,26 +113,28 @@ def canonical_tour(tour: torch.Tensor) -> torch.Tensor:
     return rotated
 
 
-def held_karp(points, max_n: int = MAX_HELD_KARP_N) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimal closed tours by the Held-Karp dynamic program, vectorised over the batch.
-
-    dp[S, j] = shortest path from city 0 through the set S of other cities, ending at j in S:
-    dp[S, j] = min_{i in S - j} dp[S - j, i] + d(i, j), filled one subset size at a time.
-    Takes [n, 2] or [B, n, 2]; returns (length [B], tour [B, n]) in canonical form.
-    Time and memory grow as 2^n n^2, hence ``max_n`` (raise it knowingly: n=20 takes ~2 s
-    and ~0.3 GB per instance).
-    """
+def check_held_karp_points(points, max_n: int) -> torch.Tensor:
+    """``points`` [n, 2] or [B, n, 2] as float64 [B, n, 2], or a ValueError:
+    n <= max_n, because the table grows as 2^(n-1) (n-1) entries per
+    instance."""
     points = torch.as_tensor(points)
     if points.dim() == 2:
         points = points[None]
     points = check_points(points).double()
-    B, n, _ = points.shape
+    n = points.shape[1]
     if n > max_n:
         raise ValueError(f"points has n={n}; Held-Karp needs 2^(n-1)*(n-1) table entries per "
                          f"instance ({2 ** (n - 1) * (n - 1):,} here) and n-1 times as many "
                          f"operations, so it is limited to n <= max_n={max_n}; pass a larger "
                          f"max_n to run it anyway")
-    d = torch.cdist(points, points)
+    return points
+
+
+def held_karp_table(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dp[b, S, j]: shortest path from city 0 through the set S (a bit mask
+    of cities 1..n-1), ending at j in S; parent[b, S, j]: the city before
+    j on it. d [B, n, n]."""
+    B, n, _ = d.shape
     m = n - 1  # cities 1..n-1 are bits 0..m-1
     full = 1 << m
     bit = 1 << torch.arange(m)
@@ -140,7 +144,7 @@ def held_karp(points, max_n: int = MAX_HELD_KARP_N) -> tuple[torch.Tensor, torch
     parent = torch.zeros((B, full, m), dtype=torch.uint8)
     dp[:, bit, torch.arange(m)] = d[:, 0, 1:]
     cost = d[:, 1:, 1:]  # cost[b, i, j] from city i+1 to city j+1
-    for k in range(2, m + 1):
+    for k in range(2, m + 1):  # all sets of k cities at once
         S = masks[size == k]
         prev = S[:, None] ^ bit  # S - {j}, meaningful where j is in S
         cand = dp[:, prev, :] + cost.transpose(1, 2)[:, None]  # [B, |S|, j, i]
@@ -148,17 +152,41 @@ def held_karp(points, max_n: int = MAX_HELD_KARP_N) -> tuple[torch.Tensor, torch
         inside = (S[:, None] & bit) > 0
         dp[:, S] = best.masked_fill(~inside, math.inf)
         parent[:, S] = arg.to(torch.uint8)
+    return dp, parent
+
+
+def held_karp_tour(dp: torch.Tensor, parent: torch.Tensor,
+                   d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Close the cheapest full path back to city 0 and walk the parents back
+    to the start: (length [B], canonical tour [B, n])."""
+    B, full, m = dp.shape
     length, last = (dp[:, full - 1] + d[:, 1:, 0]).min(-1)
-    tour = torch.zeros(B, n, dtype=torch.long)
+    tour = torch.zeros(B, m + 1, dtype=torch.long)
     S = torch.full((B,), full - 1)
     j = last
     rows = torch.arange(B)
-    for pos in range(n - 1, 0, -1):
+    for pos in range(m, 0, -1):
         tour[:, pos] = j + 1
         i = parent[rows, S, j].long()
         S = S ^ (1 << j)
         j = i
     return length.float(), canonical_tour(tour)
+
+
+def held_karp(points, max_n: int = MAX_HELD_KARP_N
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimal closed tours by the Held-Karp dynamic program (Held and Karp,
+    1962), vectorised over the batch.
+
+    dp[S, j] = min_{i in S - j} dp[S - j, i] + d(i, j), filled one subset
+    size at a time: 2^(n-1) (n-1) table entries and 2^(n-1) (n-1)^2
+    operations per instance, hence ``max_n`` (raise it knowingly; chapter 1
+    times n=20). Takes [n, 2] or [B, n, 2]; returns (length [B], tour [B, n])
+    in canonical form."""
+    points = check_held_karp_points(points, max_n)
+    d = torch.cdist(points, points)
+    dp, parent = held_karp_table(d)
+    return held_karp_tour(dp, parent, d)
 
 
 # ----------------------------------------------------------------------------- convex hull
@@ -168,11 +196,11 @@ def _cross(o, a, b) -> float:
 
 
 def convex_hull(points) -> torch.Tensor | list[torch.Tensor]:
-    """Hull vertices by Andrew's monotone chain: counter-clockwise, from the lowest index.
+    """Hull vertices by Andrew's monotone chain: counter-clockwise, from the
+    lowest index.
 
-    Takes [n, 2] (returns a LongTensor) or [B, n, 2] (returns a list of B of them).
-    Collinear boundary points are not vertices.
-    """
+    Takes [n, 2] (returns a LongTensor) or [B, n, 2] (returns a list of B of
+    them). Collinear boundary points are not vertices."""
     points = torch.as_tensor(points)
     single = points.dim() == 2
     pts = check_points(points[None] if single else points).double().numpy()
@@ -183,7 +211,8 @@ def convex_hull(points) -> torch.Tensor | list[torch.Tensor]:
         for sweep in (order, order[::-1]):  # lower hull, then upper hull
             part = []
             for i in sweep:
-                while len(part) >= 2 and _cross(p[part[-2]], p[part[-1]], p[i]) <= 0:
+                while (len(part) >= 2
+                       and _cross(p[part[-2]], p[part[-1]], p[i]) <= 0):
                     part.pop()
                 part.append(int(i))
             chain += part[:-1]
@@ -375,11 +404,12 @@ def check_targets(model: "PointerNet", x, targets) -> None:
 
 def pointer_log_probs(keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
-    """log softmax_j(u_j), u_j = v^T tanh(keys_j + query) (Pointer Networks, eq. 3).
+    """log softmax_j(u_j), u_j = v^T tanh(keys_j + query) (Pointer Networks,
+    eq. 3).
 
-    keys [..., n, H] (= W1 e_j), query [..., H] (= W2 d_i), v [H]; mask [..., n] is True
-    where a position may not be chosen (its log-probability is -inf).
-    """
+    keys [..., n, H] (= W1 e_j), query [..., H] (= W2 d_i), v [H]; mask [...,
+    n] is True where a position may not be chosen (its log-probability is
+    -inf)."""
     check_pointer_args(keys, query, v, mask)
     u = torch.tanh(keys + query[..., None, :]) @ v
     if mask is not None:
@@ -387,157 +417,240 @@ def pointer_log_probs(keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor,
     return torch.log_softmax(u, dim=-1)
 
 
-class PointerNet(nn.Module):
-    """Ptr-Net (Vinyals et al. 2015) with an LSTM or a read-process-write (Order Matters) encoder."""
+class PointerLayers(nn.Module):
+    """The parameters of a Ptr-Net (Vinyals et al. 2015): read, encode (an
+    LSTM, or the read-process-write block of Order Matters), decode, point
+    (W1, W2, v), and the glimpse."""
 
     def __init__(self, config: PointerConfig):
         super().__init__()
         check_pointer_config(config)
         self.config = config
         H = config.hidden
-        self.read = nn.Sequential(nn.Linear(config.input_dim, H), nn.ReLU(), nn.Linear(H, H))
+        self.read = nn.Sequential(nn.Linear(config.input_dim, H), nn.ReLU(),
+                                  nn.Linear(H, H))
         if config.encoder == "lstm":
             self.encoder = nn.LSTM(H, H, batch_first=True)
         else:
             self.process = nn.LSTMCell(2 * H, H)
             self.init_h = nn.Linear(2 * H, H)
         self.decoder = nn.LSTM(H, H, batch_first=True)
-        self.start = nn.Parameter(torch.zeros(H).uniform_(-0.1, 0.1))  # first decoder input
-        self.stop = nn.Parameter(torch.zeros(H).uniform_(-0.1, 0.1))  # hull's "done" slot
+        # first decoder input
+        self.start = nn.Parameter(torch.zeros(H).uniform_(-0.1, 0.1))
+        # hull's "done" slot
+        self.stop = nn.Parameter(torch.zeros(H).uniform_(-0.1, 0.1))
         self.W1 = nn.Linear(H, H, bias=False)
         self.W2 = nn.Linear(H, H)
-        self.v = nn.Parameter(torch.zeros(H).uniform_(-1 / math.sqrt(H), 1 / math.sqrt(H)))
+        bound = 1 / math.sqrt(H)
+        self.v = nn.Parameter(torch.zeros(H).uniform_(-bound, bound))
         if config.glimpses:
             self.Wg = nn.Linear(H, H)
-            self.vg = nn.Parameter(torch.zeros(H).uniform_(-1 / math.sqrt(H), 1 / math.sqrt(H)))
+            self.vg = nn.Parameter(torch.zeros(H).uniform_(-bound, bound))
 
     @property
     def has_stop(self) -> bool:
         return self.config.task == "hull"
 
+
+def process_set(process: nn.LSTMCell, init_h: nn.Linear, m: torch.Tensor,
+                steps: int):
+    """Order Matters eq. 3-7: q_t = LSTM(q*_{t-1}); a = softmax(m . q_t); r_t
+    = sum_j a_j m_j; q*_t = [q_t, r_t]. Returns the decoder's initial
+    state (h0, c0), each [1, B, H]."""
+    B, _, H = m.shape
+    h = c = m.new_zeros(B, H)
+    q_star = m.new_zeros(B, 2 * H)
+    for _ in range(steps):
+        h, c = process(q_star, (h, c))
+        a = torch.softmax(m @ h[..., None], dim=1)  # [B, n, 1]
+        q_star = torch.cat([h, (a * m).sum(1)], -1)
+    return torch.tanh(init_h(q_star))[None], c[None]
+
+
+def teacher_forcing_mask(targets: torch.Tensor, slots: int,
+                         has_stop: bool) -> torch.Tensor:
+    """mask [B, T, slots]: True where step i may not point at slot j because
+    an earlier step chose it (the stop slot stays open; nothing is masked
+    by padding)."""
+    B = targets.shape[0]
+    prev = targets[:, :-1].clamp(min=0)
+    chosen = F.one_hot(prev, slots).cumsum(1).bool()
+    # none after padding
+    chosen &= (targets[:, :-1] >= 0)[..., None].cummin(1).values
+    mask = torch.cat([chosen.new_zeros(B, 1, slots), chosen], 1)
+    if has_stop:
+        mask[..., STOP] = False
+    return mask
+
+
+class PointerSteps(PointerLayers):
+    """The two pieces that teacher forcing and decoding share: encode the inputs
+    once, and turn a decoder state into the pointer's query."""
+
     def encode(self, x: torch.Tensor):
-        """Return (keys [B, slots, H], decoder inputs per slot [B, slots, H], (h0, c0))."""
+        """Return (keys [B, slots, H], decoder inputs per slot [B, slots, H],
+        (h0, c0))."""
         m = self.read(x)  # [B, n, H]
         if self.config.encoder == "lstm":
             memory, state = self.encoder(m)
         else:
-            memory, state = m, self.process_set(m)
+            state = process_set(self.process, self.init_h, m,
+                                self.config.process_steps)
+            memory = m
         if self.has_stop:
             stop = self.stop.expand(x.shape[0], 1, -1)
             memory, m = torch.cat([stop, memory], 1), torch.cat([stop, m], 1)
         return self.W1(memory), m, state
 
-    def process_set(self, m: torch.Tensor):
-        """Order Matters eq. 3-7: q_t = LSTM(q*_{t-1}); a = softmax(m . q_t); q*_t = [q_t, r_t]."""
-        B, _, H = m.shape
-        h = c = m.new_zeros(B, H)
-        q_star = m.new_zeros(B, 2 * H)
-        for _ in range(self.config.process_steps):
-            h, c = self.process(q_star, (h, c))
-            a = torch.softmax(m @ h[..., None], dim=1)  # [B, n, 1]
-            q_star = torch.cat([h, (a * m).sum(1)], -1)
-        return torch.tanh(self.init_h(q_star))[None], c[None]
-
-    def query(self, keys: torch.Tensor, d: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The pointer's query W2 q, q = d_i plus one attention read per glimpse:
-        q += sum_j softmax_j(vg^T tanh(keys_j + Wg q)) keys_j. Residual, so that the decoder
-        state still reaches the pointer at initialisation (a pure glimpse query trained to a
-        uniform pointer in our runs)."""
+    def query(self, keys: torch.Tensor, d: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor:
+        """The pointer's query W2 q, q = d_i plus one attention read per
+        glimpse: q += sum_j softmax_j(vg^T tanh(keys_j + Wg q)) keys_j.
+        Residual, so that the decoder state still reaches the pointer at
+        initialisation (a pure glimpse query trained to a uniform pointer
+        in our runs)."""
         q = d
         for _ in range(self.config.glimpses):
             a = pointer_log_probs(keys, self.Wg(q), self.vg, mask).exp()
             q = q + (a[..., None] * keys).sum(-2)
         return self.W2(q)
 
+
+class PointerNet(PointerSteps):
+    """Ptr-Net (Vinyals et al. 2015) with an LSTM or a read-process-write
+    (Order Matters) encoder: teacher-forced log-probs and loss."""
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: log-probs [B, T, slots] of every step given the true prefix."""
+        """Teacher forcing: log-probs [B, T, slots] of every step given the
+        true prefix."""
         check_targets(self, x, targets)
         keys, inputs, state = self.encode(x)
-        B, T = targets.shape
-        prev = targets[:, :-1].clamp(min=0)
-        dec_in = torch.cat([self.start.expand(B, 1, -1),
-                            inputs.gather(1, prev[..., None].expand(-1, -1, inputs.shape[-1]))], 1)
+        prev = targets[:, :-1, None].clamp(min=0)
+        prev = prev.expand(-1, -1, inputs.shape[-1])
+        start = self.start.expand(len(x), 1, -1)
+        dec_in = torch.cat([start, inputs.gather(1, prev)], 1)
         d, _ = self.decoder(dec_in, state)
         mask = None
         if self.config.mask_chosen:
-            chosen = F.one_hot(prev, keys.shape[1]).cumsum(1).bool()
-            chosen &= (targets[:, :-1] >= 0)[..., None].cummin(1).values  # none after padding
-            mask = torch.cat([chosen.new_zeros(B, 1, keys.shape[1]), chosen], 1)
-            if self.has_stop:
-                mask[..., STOP] = False
-        return pointer_log_probs(keys[:, None], self.query(keys[:, None], d, mask), self.v, mask)
+            mask = teacher_forcing_mask(targets, keys.shape[1], self.has_stop)
+        keys = keys[:, None]  # the same keys at every step
+        return pointer_log_probs(keys, self.query(keys, d, mask), self.v, mask)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logp = self(x, targets)
-        return F.nll_loss(logp.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        return F.nll_loss(logp.flatten(0, 1), targets.flatten(),
+                          ignore_index=IGNORE)
 
 
 # ----------------------------------------------------------------------------- decoding
 
 @torch.no_grad()
 def solve(model: PointerNet, points, beam_size: int = 1) -> list[torch.Tensor]:
-    """Decode each instance; beam_size=1 is greedy. Returns one LongTensor of indices each.
+    """Decode each instance; beam_size=1 is greedy. Returns one LongTensor of
+    indices each.
 
-    The beam keeps only valid outputs: with ``mask_chosen`` every input at most once (a
-    permutation for sort and TSP); for hulls a simple closed polygon of >= 3 vertices (no
-    new edge may cross an earlier one; the stop token closes the polygon).
-    """
+    The beam keeps only valid outputs: with ``mask_chosen`` every input at
+    most once (a permutation for sort and TSP); for hulls a simple closed
+    polygon of >= 3 vertices (no new edge may cross an earlier one; the stop
+    token closes the polygon)."""
     if not isinstance(beam_size, int) or beam_size < 1:
-        raise ValueError(f"beam_size must be an integer >= 1, got {beam_size!r}")
+        raise ValueError(f"beam_size must be an integer >= 1, got "
+                         f"{beam_size!r}")
     cfg = model.config
-    x = check_points(points, dim=cfg.input_dim, min_n=1 if cfg.task == "sort" else 3)
+    min_n = 1 if cfg.task == "sort" else 3
+    x = check_points(points, dim=cfg.input_dim, min_n=min_n)
     model.eval()
     return [_beam_one(model, x[b:b + 1], beam_size) for b in range(x.shape[0])]
 
 
-def _beam_one(model: PointerNet, x: torch.Tensor, K: int) -> torch.Tensor:
-    """Beam search for one instance, hypotheses batched; score = sum of log-probs."""
-    cfg, n = model.config, x.shape[1]
-    keys, inputs, (h, c) = model.encode(x)
-    off = 1 if model.has_stop else 0
-    pts = x[0].double().tolist()
-    paths, scores = [[]], torch.zeros(1)
-    dec_in = model.start.expand(1, 1, -1)
-    finished = []  # (score, path) of hulls closed by the stop token
-    for step in range(n + off):
-        d, (h, c) = model.decoder(dec_in, (h, c))
-        chosen = torch.zeros(len(paths), keys.shape[1], dtype=torch.bool)
-        if cfg.mask_chosen:  # part of the model's distribution, as in training
-            for r, path in enumerate(paths):
-                chosen[r, [i + off for i in path]] = True
-        rows_keys = keys.expand(len(paths), -1, -1)
-        logp = pointer_log_probs(rows_keys, model.query(rows_keys, d[:, 0], chosen), model.v, chosen)
-        allowed = ~chosen
-        if model.has_stop:  # validity of the polygon: a constraint on the beam only
-            for r, path in enumerate(paths):
-                allowed[r, STOP] = len(path) >= 3 and not edge_crosses(pts, path, path[0])
-                for j in range(n):
-                    if path and allowed[r, j + 1] and edge_crosses(pts, path, j):
-                        allowed[r, j + 1] = False
-        total = (scores[:, None] + logp).masked_fill(~allowed, -math.inf)
-        top = total.flatten().topk(min(2 * K, int(allowed.sum())))
-        new_paths, new_scores, rows = [], [], []
-        for s, flat in zip(top.values.tolist(), top.indices.tolist()):
-            r, slot = divmod(flat, logp.shape[1])
-            if model.has_stop and slot == STOP:
-                finished.append((s, paths[r]))
-                continue
-            if len(new_paths) < K:
-                new_paths.append(paths[r] + [slot - off])
-                new_scores.append(s)
-                rows.append(r)
-        best_finished = max((f[0] for f in finished), default=-math.inf)
-        if not new_paths or max(new_scores) <= best_finished:
-            break  # log-probs are <= 0: no live hypothesis can overtake the best finished one
-        paths, scores = new_paths, torch.tensor(new_scores)
-        rows = torch.tensor(rows)
-        h, c = h[:, rows], c[:, rows]
-        dec_in = inputs[0, [p[-1] + off for p in paths]][:, None]
-    if model.has_stop:
+def chosen_slots(paths: list[list[int]], slots: int, off: int,
+                 mask_chosen: bool) -> torch.Tensor:
+    """mask [len(paths), slots]: True at the slot of every input a path has
+    already chosen (input i sits at slot i + off); all False for a model
+    trained without the mask."""
+    chosen = torch.zeros(len(paths), slots, dtype=torch.bool)
+    if mask_chosen:
+        for r, path in enumerate(paths):
+            chosen[r, [i + off for i in path]] = True
+    return chosen
+
+
+def hull_allowed(pts: list, paths: list[list[int]],
+                 allowed: torch.Tensor) -> torch.Tensor:
+    """Keep every hull hypothesis a simple polygon: no new edge may cross an
+    earlier one, and the stop token (closing the polygon) needs >= 3
+    vertices and a closing edge that crosses nothing. ``allowed`` [paths,
+    1 + n] is updated in place and returned."""
+    for r, path in enumerate(paths):
+        closes = len(path) >= 3 and not edge_crosses(pts, path, path[0])
+        allowed[r, STOP] = closes
+        for j in range(len(pts)):
+            if path and allowed[r, j + 1] and edge_crosses(pts, path, j):
+                allowed[r, j + 1] = False
+    return allowed
+
+
+def beam_select(top, slots: int, paths: list[list[int]], K: int, has_stop: bool,
+                finished: list) -> tuple[list, list, list]:
+    """From the top-2K (score, flat index) candidates, the K best live
+    extensions as (paths, scores, parent rows); a hull closed by the stop
+    token goes to ``finished``."""
+    off = int(has_stop)
+    new_paths, new_scores, rows = [], [], []
+    for s, flat in zip(top.values.tolist(), top.indices.tolist()):
+        r, slot = divmod(flat, slots)
+        if has_stop and slot == STOP:
+            finished.append((s, paths[r]))
+            continue
+        if len(new_paths) < K:
+            new_paths.append(paths[r] + [slot - off])
+            new_scores.append(s)
+            rows.append(r)
+    return new_paths, new_scores, rows
+
+
+def best_path(paths: list, scores: torch.Tensor, finished: list,
+              has_stop: bool) -> torch.Tensor:
+    """The answer: the best closed hull (or the best live path if none
+    closed), else the best full path."""
+    if has_stop:
         if not finished:
             return torch.tensor(paths[0])
         return torch.tensor(max(finished, key=lambda f: f[0])[1])
     return torch.tensor(paths[int(scores.argmax())])
+
+
+def _beam_one(model: PointerNet, x: torch.Tensor, K: int) -> torch.Tensor:
+    """Beam search for one instance, hypotheses batched; score = sum of
+    log-probs."""
+    n, off = x.shape[1], int(model.has_stop)
+    keys, inputs, (h, c) = model.encode(x)
+    pts = x[0].double().tolist()
+    paths, scores, finished = [[]], torch.zeros(1), []
+    dec_in = model.start.expand(1, 1, -1)
+    for step in range(n + off):
+        d, (h, c) = model.decoder(dec_in, (h, c))
+        chosen = chosen_slots(paths, keys.shape[1], off,
+                              model.config.mask_chosen)
+        k = keys.expand(len(paths), -1, -1)
+        q = model.query(k, d[:, 0], chosen)
+        logp = pointer_log_probs(k, q, model.v, chosen)
+        allowed = ~chosen
+        if model.has_stop:
+            allowed = hull_allowed(pts, paths, allowed)
+        total = (scores[:, None] + logp).masked_fill(~allowed, -math.inf)
+        top = total.flatten().topk(min(2 * K, int(allowed.sum())))
+        new_paths, new_scores, rows = beam_select(top, keys.shape[1], paths, K,
+                                                  model.has_stop, finished)
+        best_finished = max((f[0] for f in finished), default=-math.inf)
+        if not new_paths or max(new_scores) <= best_finished:
+            # log-probs are <= 0: no live hypothesis can overtake the best
+            # finished one
+            break
+        paths, scores = new_paths, torch.tensor(new_scores)
+        h, c = h[:, rows], c[:, rows]
+        dec_in = inputs[0, [p[-1] + off for p in paths]][:, None]
+    return best_path(paths, scores, finished, model.has_stop)
 
 
 # ----------------------------------------------------------------------------- metrics

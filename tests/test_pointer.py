@@ -363,3 +363,74 @@ def test_bad_records_polygons_and_sizes():
 def test_bad_train_config(change, match):
     with pytest.raises(ValueError, match=match):
         train(TrainConfig(task="sort", n=5, **change), progress=False)
+
+
+# ----------------------------------------------------------------------------- the named pieces
+
+def test_held_karp_table_holds_shortest_paths_by_brute_force():
+    """dp[S, j] is the shortest path 0 -> (all of S) -> j, checked by enumerating the orders of
+    S - {j} for every subset S and end city j at n = 6; the table is [B, 2^(n-1), n-1]."""
+    from refimpl.pointer import held_karp_table
+    n = 6
+    pts = torch.rand(1, n, 2, generator=torch.Generator().manual_seed(4)).double()
+    d = torch.cdist(pts, pts)
+    dp, parent = held_karp_table(d)
+    assert dp.shape == (1, 2 ** (n - 1), n - 1) == parent.shape
+    for S in range(1, 2 ** (n - 1)):
+        cities = [c + 1 for c in range(n - 1) if S >> c & 1]
+        for j in range(n - 1):
+            if not S >> j & 1:
+                assert dp[0, S, j] == math.inf
+                continue
+            rest = [c for c in cities if c != j + 1]
+            best = min(sum(d[0, a, b].item() for a, b in zip((0, *p), (*p, j + 1)))
+                       for p in itertools.permutations(rest))
+            assert dp[0, S, j].item() == pytest.approx(best, abs=1e-9)
+
+
+def test_check_held_karp_points_names_the_table_size():
+    from refimpl.pointer import check_held_karp_points
+    assert check_held_karp_points(torch.rand(5, 2), 12).shape == (1, 5, 2)
+    with pytest.raises(ValueError, match=r"n=14.*table entries.*\(106,496 here\).*max_n=13"):
+        check_held_karp_points(torch.rand(2, 14, 2), 13)
+
+
+@pytest.mark.parametrize("has_stop", [False, True])
+def test_teacher_forcing_mask_equals_a_loop(has_stop):
+    """Step i masks every slot chosen at steps < i (never the stop slot, nothing after padding),
+    built here one step at a time."""
+    from refimpl.pointer import IGNORE, teacher_forcing_mask
+    g = torch.Generator().manual_seed(2)
+    slots, B = 6, 5
+    targets = torch.stack([torch.randperm(slots, generator=g) for _ in range(B)])
+    targets[1, 4:] = IGNORE
+    mask = teacher_forcing_mask(targets, slots, has_stop)
+    for b in range(B):
+        chosen = set()
+        for i in range(slots):
+            want = [s in chosen and not (has_stop and s == STOP) for s in range(slots)]
+            assert mask[b, i].tolist() == want
+            if targets[b, i] < 0:
+                break
+            chosen.add(int(targets[b, i]))
+
+
+def test_chosen_slots_shifts_by_the_stop_slot_and_respects_mask_chosen():
+    from refimpl.pointer import chosen_slots
+    got = chosen_slots([[], [2, 0]], 4, 1, True)
+    assert got.tolist() == [[False] * 4, [False, True, False, True]]
+    assert not chosen_slots([[2, 0]], 4, 1, False).any()
+
+
+def test_benchmark_rows_put_held_karp_at_zero_gap_and_never_below():
+    """The benchmark's decode rows on a tiny set: Held-Karp's gaps are exactly 0 (same float32
+    length as the model's tours), every model gap is >= 0, and the ranges bracket the medians."""
+    from refimpl.benchmarks.pointer import decode_rows
+    rows = decode_rows(sets=({"n": 6, "checkpoint": ("tsp", 5), "instances": 4},), beams=(1, 2),
+                       repeats=1)
+    assert [r["method"] for r in rows] == ["Held-Karp (exact)", "greedy", "beam 2"]
+    assert rows[0]["gap_max"] == 0 == rows[0]["gap_min"]
+    for r in rows:
+        assert r["gap_min"] >= 0 and r["instances"] == 4
+        assert r["gap_min"] <= r["gap_median"] <= r["gap_max"]
+        assert r["inst_per_s_min"] <= r["inst_per_s_median"] <= r["inst_per_s_max"]

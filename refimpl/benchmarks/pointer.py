@@ -1,19 +1,35 @@
-"""Pointer Network benchmark: the pointer distribution (Vinyals et al. 2015, eq. 3) and decoding.
+"""Pointer Network benchmark: the trained model's decoding against the exact solver.
 
-With CUDA: ``triton.testing.do_bench`` of the torch reference ``pointer_log_probs`` against the
-fused Triton kernel, for a batch of B rows of n positions and H = 128, masked, in the decoding
-layout (keys [B, n, H], query [B, H]) and the teacher-forcing one (keys [B, 1, n, H], query
-[B, T = n, H]). Without CUDA the kernel is not timed (the Triton interpreter runs it in numpy:
-no speed measurement) and the torch CPU paths are timed instead: the reference in the decoding
-layout, and the throughput of ``refimpl.pointer.solve`` on an untrained TSP model, greedy
-(beam 1) against beam 3 (decoding cost does not depend on the weights being trained).
+Vinyals et al. (2015) sell the Ptr-Net as an approximate solver: what it buys is speed, what it
+costs is tour length. So the benchmark times, one instance at a time, the trained TSP models'
+greedy and beam decoding (``refimpl.pointer.solve``) beside the exact Held-Karp dynamic program,
+over a fixed set of fresh instances (seed 30_000 + n, disjoint from training, validation and
+test), and reports per method the median and range of instances/s and of the optimality gap
+(tour length / optimal length - 1, per instance):
+
+- n = 10: the ``tsp10`` checkpoint (trained at n = 10), 64 instances;
+- n = 20: the ``tsp5-10`` checkpoint (trained on 5..10 cities), 32 instances, where Held-Karp's
+  2^(n-1) (n-1)^2 operations take seconds per instance.
+
+The pointer step itself (``pointer_log_probs``, Pointer Networks eq. 3) is timed too: with CUDA,
+``triton.testing.do_bench`` of the torch reference against the fused Triton kernel; without CUDA
+the kernel is not timed (the Triton interpreter runs it in numpy: no speed measurement) and the
+torch CPU path is timed alone.
 """
+import statistics
+import time
+
 import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
 from refimpl.bench import median_seconds, print_table, write_results
-from refimpl.pointer import PointerConfig, PointerNet, pointer_log_probs, solve
+from refimpl.pointer import held_karp, load, pointer_log_probs, solve, tour_length
+
+SETS = ({"n": 10, "checkpoint": ("tsp", 10), "instances": 64},
+        {"n": 20, "checkpoint": ("tsp", "5-10"), "instances": 32})
+BEAMS = (1, 3, 10)
+SEED = 30_000
 
 
 def inputs(B, n, H, layout, device, seed=0):
@@ -54,53 +70,104 @@ def cpu_rows(B, sizes, H, repeats):
     return rows
 
 
-def decode_rows(instances, n, beams, repeats):
-    torch.manual_seed(0)
-    model = PointerNet(PointerConfig("tsp", 128)).eval()
-    x = torch.rand(instances, n, 2, generator=torch.Generator().manual_seed(0))
+def per_instance(fn, x, repeats, desc):
+    """Run ``fn`` on each instance x[i:i+1] (after one warm-up call): (outputs, seconds each),
+    seconds being the median of ``repeats`` runs."""
+    fn(x[:1])
+    outs, secs = [], []
+    for i in tqdm(range(len(x)), desc=desc, leave=False):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = fn(x[i:i + 1])
+            times.append(time.perf_counter() - start)
+        outs.append(out)
+        secs.append(statistics.median(times))
+    return outs, secs
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def decode_rows(sets=SETS, beams=BEAMS, repeats=3):
+    """One row per (n, method): instances/s and optimality gap, median and range over the set."""
     rows = []
-    for K in tqdm(beams, desc="solve"):
-        t = median_seconds(lambda: solve(model, x, beam_size=K), repeats)
-        rows.append({"beam_size": K, "instances": instances, "n": n, "seconds": t,
-                     "instances_per_s": instances / t})
+    for spec in sets:
+        n, count = spec["n"], spec["instances"]
+        x = torch.rand(count, n, 2, generator=torch.Generator().manual_seed(SEED + n))
+        reps = repeats if n <= 12 else 1
+        hk, hk_s = per_instance(lambda p: held_karp(p, max_n=n), x, reps, f"Held-Karp n={n}")
+        # the optimal tours' lengths by the same float32 sum as the model's (gap 0 when equal)
+        optimal = torch.cat([tour_length(x[i:i + 1], o[1]) for i, o in enumerate(hk)])
+        rows.append(_row(spec, "Held-Karp (exact)", hk_s, [0.0] * count))
+        model = load(*spec["checkpoint"])
+        for K in beams:
+            tours, secs = per_instance(lambda p: solve(model, p, beam_size=K)[0], x, repeats,
+                                       f"beam {K} n={n}")
+            lengths = torch.stack([tour_length(x[i:i + 1], t[None])[0] for i, t in enumerate(tours)])
+            gaps = (lengths.double() / optimal.double() - 1).tolist()
+            rows.append(_row(spec, "greedy" if K == 1 else f"beam {K}", secs, gaps))
     return rows
 
 
-def run(B: int = 256, sizes=(10, 20, 50), H: int = 128, instances: int = 64, decode_n: int = 10,
-        beams=(1, 3), repeats: int = 5) -> dict:
+def _row(spec, method, secs, gaps):
+    rate = summary([1 / s for s in secs])
+    gap = summary(gaps)
+    return {"n": spec["n"], "checkpoint": "".join(map(str, spec["checkpoint"])), "method": method,
+            "instances": len(secs), "inst_per_s_median": rate["median"], "inst_per_s_min": rate["min"],
+            "inst_per_s_max": rate["max"], "gap_median": gap["median"], "gap_min": gap["min"],
+            "gap_max": gap["max"], "gap_mean": statistics.fmean(gaps)}
+
+
+def figure(decode):
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7.2, 3.4))
+    methods = list(dict.fromkeys(r["method"] for r in decode))
+    sizes = sorted({r["n"] for r in decode})
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        rs = [next(r for r in decode if r["n"] == n and r["method"] == method) for n in sizes]
+        xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(sizes))]
+        for ax, key, scale in ((ax1, "inst_per_s", 1), (ax2, "gap", 100)):
+            med = [scale * r[f"{key}_median"] for r in rs]
+            err = [[m - scale * r[f"{key}_min"] for m, r in zip(med, rs)],
+                   [scale * r[f"{key}_max"] - m for m, r in zip(med, rs)]]
+            ax.bar(xs, med, width, yerr=err, capsize=2, color=f"C{k}", label=method)
+        ax2.plot(xs, [100 * r["gap_mean"] for r in rs], "kD", ms=4,
+                 label="mean" if k == 0 else None)
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(sizes)), [f"n = {n}" for n in sizes])
+        ax.grid(axis="y", alpha=0.3)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("instances / s (one at a time)")
+    ax1.set_title("speed: median, bars = range", fontsize=9)
+    ax2.set_ylabel("optimality gap per instance (%)")
+    ax2.set_title("gap: median, bars = range, diamonds = mean", fontsize=9)
+    mean = [h for h in ax2.get_lines() if h.get_label() == "mean"]
+    ax2.legend(mean, ["mean"], fontsize=8, loc="upper left")
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=len(methods),
+               fontsize=8, frameon=False)
+    fig.suptitle(f"Ptr-Net decoding vs Held-Karp, CPU, {torch.get_num_threads()} thread(s)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def run(B: int = 256, sizes=(10, 20, 50), H: int = 128, repeats: int = 5) -> dict:
     cuda = torch.cuda.is_available()
-    results = {"B": B, "sizes": list(sizes), "H": H, "masked": True, "repeats": repeats}
+    results = {"B": B, "sizes": list(sizes), "H": H, "masked": True, "repeats": repeats,
+               "seed": SEED, "beams": list(BEAMS)}
     if cuda:
         kernel = gpu_rows(B, sizes, H)
-        print_table(kernel)
     else:
         print("No CUDA: the Triton kernel is not timed (under TRITON_INTERPRET it runs in numpy, "
               "which measures nothing); timing the torch reference on CPU instead.")
         kernel = cpu_rows(B, sizes, H, repeats)
-        print_table(kernel)
-    decode = decode_rows(instances, decode_n, beams, max(1, repeats // 2))
+    print_table(kernel)
+    decode = decode_rows()
     print_table(decode)
     results.update(device="cuda" if cuda else "cpu", scores=kernel, decoding=decode)
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    x = torch.arange(len(kernel)).float()
-    labels = [f"n={r['n']}" + ("" if r["layout"] == "decoding" else "\nteacher forcing") for r in kernel]
-    if cuda:
-        ax1.bar(x - 0.2, [r["torch_us"] for r in kernel], 0.4, label="torch reference")
-        ax1.bar(x + 0.2, [r["triton_us"] for r in kernel], 0.4, label="Triton kernel")
-        ax1.legend(fontsize=8)
-        ax1.set_title(f"Pointer log-probs, B={B}, H={H}, masked\n({torch.cuda.get_device_name()})", fontsize=9)
-    else:
-        ax1.bar(x, [r["torch_us"] for r in kernel], 0.5, color="C0")
-        ax1.set_title(f"Pointer log-probs, torch reference on CPU\nB={B}, H={H}, masked, "
-                      f"{torch.get_num_threads()} thread(s)", fontsize=9)
-    ax1.set_xticks(x.tolist(), labels, fontsize=8)
-    ax1.set_ylabel("microseconds per call")
-    ax2.bar([f"beam {r['beam_size']}" for r in decode], [r["instances_per_s"] for r in decode], 0.5, color="C1")
-    ax2.set_ylabel("instances / s")
-    ax2.set_title(f"solve(), untrained TSP Ptr-Net (H=128), CPU\n{instances} instances of n={decode_n}",
-                  fontsize=9)
-    fig.tight_layout()
+    fig = figure(decode)
     write_results("pointer", results, fig)
     plt.close(fig)
     return results

@@ -32,41 +32,45 @@ TILE = 8192  # elements of the [BLOCK_N, BLOCK_H] tile of keys one program holds
 
 @triton.jit
 def _tanh(x):
-    # tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}): no overflow, no cancellation near 0
+    # tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}): no overflow, no
+    # cancellation near 0
     t = tl.exp(-2.0 * tl.abs(x))
     y = (1.0 - t) / (1.0 + t)
     return tl.where(x < 0, -y, y)
 
 
 @triton.jit
-def _pointer_kernel(Keys, Query, V, Mask, Out, T, N, H,
-                    skb, skt, skn, skh, sqb, sqt, sqh, sv, smb, smt, smn,
-                    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+def _pointer_kernel(Keys, Query, V, Mask, Out, T, N, H, skb, skt, skn, skh,
+                    sqb, sqt, sqh, sv, smb, smt, smn, HAS_MASK: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0)  # row = b * T + t
     b = row // T
     t = row % T
     offs_n = tl.arange(0, BLOCK_N)
-    offs_h = tl.arange(0, BLOCK_H)
     in_row = offs_n < N
     k_row = Keys + b * skb + t * skt
     q_row = Query + b * sqb + t * sqt
-    # 1. u_j = sum_h v_h tanh(k_jh + q_h), H streamed in blocks, fp32 accumulation
+    # 1. u_j = sum_h v_h tanh(k_jh + q_h), H streamed in blocks, fp32
+    # accumulation
     u = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, H, BLOCK_H):
-        cols = start + offs_h
+        cols = start + tl.arange(0, BLOCK_H)
         ok_h = cols < H
-        k = tl.load(k_row + offs_n[:, None] * skn + cols[None, :] * skh,
-                    mask=in_row[:, None] & ok_h[None, :], other=0.0).to(tl.float32)
+        k_ptr = k_row + offs_n[:, None] * skn + cols[None, :] * skh
+        k = tl.load(k_ptr, mask=in_row[:, None] & ok_h[None, :], other=0.0)
         q = tl.load(q_row + cols * sqh, mask=ok_h, other=0.0).to(tl.float32)
-        v = tl.load(V + cols * sv, mask=ok_h, other=0.0).to(tl.float32)  # v = 0 past H: no term
-        u += tl.sum(_tanh(k + q[None, :]) * v[None, :], axis=1)
+        # v = 0 past H: no term
+        v = tl.load(V + cols * sv, mask=ok_h, other=0.0).to(tl.float32)
+        u += tl.sum(_tanh(k.to(tl.float32) + q[None, :]) * v[None, :], axis=1)
     # 2. positions already chosen (mask True) and padding lanes get -inf
     keep = in_row
     if HAS_MASK:
-        chosen = tl.load(Mask + b * smb + t * smt + offs_n * smn, mask=in_row, other=1)
+        chosen = tl.load(Mask + b * smb + t * smt + offs_n * smn, mask=in_row,
+                         other=1)
         keep = keep & (chosen == 0)
     u = tl.where(keep, u, float("-inf"))
-    # 3. log_softmax over the row; the wrapper guarantees one open position, so m is finite
+    # 3. log_softmax over the row; the wrapper guarantees one open position, so
+    # m is finite
     m = tl.max(u, axis=0)
     lse = m + tl.log(tl.sum(tl.exp(u - m), axis=0))
     tl.store(Out + row * N + offs_n, u - lse, mask=in_row)
@@ -143,9 +147,10 @@ def pointer_log_probs_triton(keys, query, v, mask=None):
 
 
 def launch_config(n):
-    """Block sizes for rows of n <= 1024 positions: the whole row, and as many features as keep
-    the tile at TILE elements, at most 64; 8 warps past 64 positions, where 4 spill registers
-    (``refimpl.kernels.aot`` measures it)."""
+    """Block sizes for rows of n <= 1024 positions: the whole row, and as
+    many features as keep the tile at TILE elements, at most 64; 8 warps
+    past 64 positions, where 4 spill registers (``refimpl.kernels.aot``
+    measures it)."""
     BLOCK_N = max(16, triton.next_power_of_2(n))
     return {"BLOCK_N": BLOCK_N, "BLOCK_H": min(64, TILE // BLOCK_N),
             "num_warps": 4 if BLOCK_N <= 64 else 8}
