@@ -47,8 +47,8 @@ EARLY_STOPPING = (True, False, "never")
 
 @dataclass
 class BeamOutput:
-    sequences: torch.Tensor         # [batch * num_return_sequences, T], prompt included
-    sequences_scores: torch.Tensor  # [batch * num_return_sequences], length-normalised
+    sequences: torch.Tensor         # [N * num_return_sequences, T], with prompt
+    sequences_scores: torch.Tensor  # [N * num_return_sequences], normalised
 
 
 # ---- argument checks (the lesson imports them and names them in one sentence) ----
@@ -140,7 +140,7 @@ def check_sequences(sequences, prompt_len, attention_mask) -> None:
 # ---- the pieces of beam search, in the order chapter 2 builds them ----
 
 def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
-    """Top-k continuations of one beam group; logits [N, Bg, V], running [N, Bg].
+    """Top-k continuations of one group: logits [N, Bg, V], running [N, Bg].
 
     score = running + log_softmax(logits) - diversity_penalty * counts
     (Vijayakumar et al. eq. 4: counts [N, V] = how often earlier groups chose
@@ -157,7 +157,7 @@ def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
 
 @dataclass
 class Hypotheses:
-    """Finished hypotheses: per prompt and group, the best Bg by normalised score."""
+    """Finished hypotheses: per prompt and group, the best Bg by score."""
     scores: torch.Tensor    # [N, G, Bg], -1e9 where empty
     tokens: torch.Tensor    # [N, G, Bg, max_new] generated tokens, EOS included
     lengths: torch.Tensor   # [N, G, Bg] generated length, EOS included
@@ -185,7 +185,8 @@ class Hypotheses:
         lengths = torch.full_like(scores, length, dtype=torch.long)
         self.lengths[:, g] = torch.cat([self.lengths[:, g], lengths],
                                        1).gather(1, best)
-        self.full[:, g] = torch.cat([self.full[:, g], accept], 1).gather(1, best)
+        full = torch.cat([self.full[:, g], accept], 1)
+        self.full[:, g] = full.gather(1, best)
 
 
 def filler_token(scorer, eos, pad):
@@ -258,7 +259,7 @@ class Stepper:
                 padded_positions_and_masks(attention_mask, max_new_tokens)
 
     def prompt(self, beams: int = 1) -> torch.Tensor:
-        """Encode the prompts, ``beams`` cache rows each: logits [N * beams, V]."""
+        """Encode the prompts, ``beams`` cache rows each; logits [NB, V]."""
         logits = self.model(self.input_ids, self.positions, self.prompt_mask,
                             self.cache, last_only=True)[:, -1].float()
         rows = torch.arange(len(logits), device=logits.device)
@@ -323,7 +324,7 @@ def greedy_search(model, input_ids, *, max_new_tokens, eos_token_id=None,
 class BeamState:
     """What beam search carries from step to step."""
     tokens: torch.Tensor    # [N, B, max_new] generated tokens of the live beams
-    running: torch.Tensor   # [N, B] running scores, -1e9 for a slot not yet live
+    running: torch.Tensor   # [N, B] running scores, -1e9: slot not yet live
     done: torch.Tensor      # [N, G] group finished (scorer rules, G > 1)
     open: torch.Tensor      # [N] prompt still takes hypotheses (G = 1 rules)
     hyps: Hypotheses
@@ -378,7 +379,8 @@ def advance_group(state, rules, g, logits, counts, t, eos, fill, penalty):
         chosen = chosen.masked_fill(state.done[:, g, None], fill)
         state.done[:, g] |= rules.group_done(state.hyps, g, scores[:, 0], t + 1)
     if counts is not None:
-        counts.scatter_add_(1, chosen, torch.ones_like(chosen, dtype=counts.dtype))
+        ones = torch.ones_like(chosen, dtype=counts.dtype)
+        counts.scatter_add_(1, chosen, ones)
     return parent.gather(1, keep), scores.gather(1, keep), chosen
 
 
@@ -497,10 +499,12 @@ def sequence_logprobs(model, sequences, prompt_len, attention_mask=None):
 # ---- metrics for a set of hypotheses (Vijayakumar et al. sec. 5: distinct-n, oracle/quality) ----
 
 def distinct_n(hypotheses: list[list[int]], n: int) -> float:
-    """Distinct n-grams over all n-grams in a set of hypotheses (Li et al. 2016); 0 if none."""
+    """Distinct n-grams over all n-grams of a list of hypotheses (Li et al.
+    2016); 0 if there are none."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    grams = [tuple(h[i:i + n]) for h in hypotheses for i in range(len(h) - n + 1)]
+    grams = [tuple(h[i:i + n]) for h in hypotheses
+             for i in range(len(h) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -510,17 +514,20 @@ def edit_distance(a, b) -> int:
     for i, x in enumerate(a, 1):
         prev, row[0] = row[0], i
         for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1,
+                                       prev + (x != y))
     return row[-1]
 
 
 def mean_pairwise_edit_distance(hypotheses: list[list[int]]) -> float:
-    """Mean Levenshtein distance over all unordered pairs of hypotheses (0 for fewer than 2)."""
+    """Mean Levenshtein distance over all pairs (0 for fewer than 2)."""
     pairs = list(itertools.combinations(hypotheses, 2))
-    return sum(edit_distance(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0
+    if not pairs:
+        return 0.0
+    return sum(edit_distance(a, b) for a, b in pairs) / len(pairs)
 
 
-def strip_generated(sequences: torch.Tensor, prompt_len: int, eos_token_id=None) -> list[list[int]]:
+def strip_generated(sequences, prompt_len, eos_token_id=None) -> list[list[int]]:
     """Generated tokens of each row, cut after the first EOS (EOS kept)."""
     check_prompt_len(sequences, prompt_len)
     out = []
@@ -532,8 +539,10 @@ def strip_generated(sequences: torch.Tensor, prompt_len: int, eos_token_id=None)
 
 
 @torch.no_grad()
-def mean_logprob_per_token(model, sequences, prompt_len, eos_token_id=None, attention_mask=None) -> torch.Tensor:
-    """Quality of each hypothesis: mean log p(token | prefix) over its generated tokens [N]."""
+def mean_logprob_per_token(model, sequences, prompt_len, eos_token_id=None,
+                           attention_mask=None) -> torch.Tensor:
+    """Quality of each hypothesis: mean log p(token | prefix) over its
+    generated tokens, [N]."""
     logp = sequence_logprobs(model, sequences, prompt_len, attention_mask)
     keep = torch.ones_like(logp, dtype=torch.bool)
     if eos_token_id is not None:  # tokens after the first EOS are padding

@@ -40,3 +40,54 @@ def test_display_math_stands_in_its_own_paragraph(notebook):
     bad = [(i, line) for i, c in enumerate(cells) if c["cell_type"] == "markdown"
            for line in display_math_inside_a_paragraph("".join(c["source"]))]
     assert not bad, f"display math inside a paragraph at (cell, line) {bad}"
+
+
+# ---- the chapter shape (DESIGN.md, Notebooks), for the chapters rewritten on it ----
+
+NEW_SHAPE = [p for p in NOTEBOOKS if p.name.startswith(("00_", "01_", "02_"))]
+MAX_CELL_LINES = 30
+
+
+def code_lines(source: str) -> int:
+    """Non-blank lines that are not comments: what the 30-line rule counts."""
+    return sum(1 for line in source.split("\n") if line.strip() and not line.strip().startswith("#"))
+
+
+def test_code_lines_counts_what_the_rule_counts():
+    assert code_lines("x = 1\n\n# a comment\n    # indented comment\ny = 2  # trailing\n") == 2
+
+
+def cells_of(notebook, kind):
+    return [(i, c) for i, c in enumerate(json.loads(notebook.read_text())["cells"]) if c["cell_type"] == kind]
+
+
+@pytest.mark.parametrize("notebook", NEW_SHAPE, ids=lambda p: p.name)
+def test_no_code_cell_is_over_30_lines(notebook):
+    long = [(i, code_lines("".join(c["source"]))) for i, c in cells_of(notebook, "code")
+            if code_lines("".join(c["source"])) > MAX_CELL_LINES]
+    assert not long, f"code cells over {MAX_CELL_LINES} non-blank, non-comment lines (cell, lines): {long}"
+
+
+@pytest.mark.parametrize("notebook", NEW_SHAPE, ids=lambda p: p.name)
+def test_the_kernel_is_shown_checked_and_timed_on_cuda(notebook):
+    code = ["".join(c["source"]) for _, c in cells_of(notebook, "code")]
+    assert any("@triton.jit" in src for src in code), "no cell defines the chapter's Triton kernel"
+    assert any("torch.cuda.is_available()" in src and "do_bench" in src for src in code), \
+        "no cell times the kernel with do_bench when CUDA is present"
+
+
+@pytest.mark.parametrize("notebook", NEW_SHAPE, ids=lambda p: p.name)
+def test_exercises_end_the_chapter_with_a_checked_worked_solution(notebook):
+    cells = json.loads(notebook.read_text())["cells"]
+    start = next((i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+                  and "## Exercises" in "".join(c["source"])), None)
+    assert start is not None, "no '## Exercises' section"
+    text = "".join(cells[start]["source"]).split("## Exercises", 1)[1]
+    items = [line for line in text.split("\n") if line[:1].isdigit() and line.split(".")[0].isdigit()]
+    assert len(items) >= 4, f"{len(items)} exercises; at least 4"
+    solutions = [c for c in cells[start:] if c["cell_type"] == "code"
+                 and "hide-input" in c.get("metadata", {}).get("tags", [])]
+    assert solutions, "no worked solution in a collapsed (hide-input) code cell after the exercises"
+    assert any("assert" in "".join(c["source"]) for c in solutions), \
+        "the worked solution checks nothing: it needs an assert against an independent computation"
+    assert not any("nbval-ignore-output" in c.get("metadata", {}).get("tags", []) for c in solutions)

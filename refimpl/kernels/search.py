@@ -62,7 +62,8 @@ def _group_candidates_kernel(
     offs = tl.arange(0, BLOCK_V)
     base = Logits + row * stride_lr
     # pass 1: the row's log-sum-exp; pass 2: scores, each block's K best
-    shift = tl.load(Running + row).to(tl.float32) - _row_logsumexp(base, V, BLOCK_V)
+    lse = _row_logsumexp(base, V, BLOCK_V)
+    shift = tl.load(Running + row).to(tl.float32) - lse
     for blk in range(0, n_blocks):
         cols = blk * BLOCK_V + offs
         ok = cols < V
@@ -75,7 +76,8 @@ def _group_candidates_kernel(
         for i in range(0, K):           # K rounds of max, store, mask out
             at = tl.argmax(s, 0)
             tl.store(OutVal + out + i, tl.max(s, 0))
-            tl.store(OutIdx + out + i, (j * V + blk * BLOCK_V + at).to(tl.int64))
+            index = j * V + blk * BLOCK_V + at  # into the group's Bg * V
+            tl.store(OutIdx + out + i, index.to(tl.int64))
             s = tl.where(offs == at, float("-inf"), s)
 
 
