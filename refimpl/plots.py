@@ -350,3 +350,279 @@ def search_hypotheses_figure(panels, prompt, path):
     fig.tight_layout()
     fig.savefig(path, dpi=SEARCH_DPI)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 3, ring attention (notebooks/03_ring_attention.ipynb)
+# --------------------------------------------------------------------------------------------
+
+RING_DPI = 100
+RING_WIDTH = 7.0  # inches: 700 px at RING_DPI, the width the book shows
+RING_COLORS = plt.cm.tab10.colors
+
+
+def ring_draw_ring(ax, P, holds=None, title=""):
+    """P devices on a circle, arrows to the next; optionally the K/V block each one holds."""
+    import math
+
+    from matplotlib.patches import Circle
+    ang = [math.pi / 2 - 2 * math.pi * r / P for r in range(P)]
+    xy = [(math.cos(a), math.sin(a)) for a in ang]
+    for r in range(P):
+        (x0, y0), (x1, y1) = xy[r], xy[(r + 1) % P]
+        if P > 1:
+            ax.annotate("", xy=(0.75 * x1 + 0.25 * x0, 0.75 * y1 + 0.25 * y0),
+                        xytext=(0.75 * x0 + 0.25 * x1, 0.75 * y0 + 0.25 * y1),
+                        arrowprops=dict(arrowstyle="->", color="gray", lw=1.5))
+        ax.add_patch(Circle(xy[r], 0.46, color=RING_COLORS[r], alpha=0.85))
+        label = f"Q{r}" + (f"\nKV{holds[r]}" if holds is not None else "")
+        ax.text(*xy[r], label, ha="center", va="center", fontsize=9, color="white",
+                weight="bold")
+    ax.set_xlim(-1.5, 1.5)
+    ax.set_ylim(-1.5, 1.5)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
+
+
+def ring_owner_image(N, P, layout, causal=True):
+    """[N, N, 3] picture of the score matrix, each visible tile coloured by its row's rank."""
+    from refimpl.ring import positions_of, shard_segments
+    img = torch.ones(N, N, 3)
+    for r, segs in enumerate(shard_segments(N, P, layout)):
+        img[positions_of(segs)] = torch.tensor(RING_COLORS[r][:3])
+    if causal:
+        img[torch.ones(N, N, dtype=torch.bool).triu(1)] = 0.93
+    return img
+
+
+def ring_idea_figure(path, layouts=("contiguous", "zigzag", "striped"), N=32, P=4):
+    """The ring of P devices, then the causal score matrix coloured by owner, per layout."""
+    fig, axes = plt.subplots(1, 4, figsize=(RING_WIDTH, 2.3), dpi=RING_DPI)
+    ring_draw_ring(axes[0], P, title=f"{P} devices, a ring")
+    for ax, layout in zip(axes[1:], layouts):
+        ax.imshow(ring_owner_image(N, P, layout).numpy(), interpolation="nearest")
+        ax.set_title(layout, fontsize=10)
+        ax.set_xlabel("key", fontsize=9)
+        ax.set_ylabel("query", fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=RING_DPI)
+    plt.close(fig)
+
+
+def ring_step_panels(axes, N, P, layout, step):
+    """Left: who holds which K/V at ``step``; right: the score tiles computed up to it."""
+    from refimpl.ring import positions_of, shard_segments
+    segs = shard_segments(N, P, layout)
+    ring_draw_ring(axes[0], P, [(r - step) % P for r in range(P)], f"step {step}")
+    img = torch.ones(N, N, 3)
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    for t in range(step + 1):
+        for r in range(P):
+            rows, cols = positions_of(segs[r]), positions_of(segs[(r - t) % P])
+            color = torch.tensor(RING_COLORS[r][:3])
+            if t < step:
+                color = 0.35 * color + 0.65
+            sub = img[rows][:, cols]
+            sub[causal[rows][:, cols]] = color
+            img[rows[:, None], cols[None, :]] = sub
+    axes[1].imshow(img.numpy(), interpolation="nearest")
+    axes[1].set_title(f"tiles, step {step}", fontsize=10)
+    axes[1].set_xlabel("key", fontsize=9)
+    axes[1].set_ylabel("query", fontsize=9)
+    axes[1].tick_params(labelsize=8)
+
+
+def ring_steps_figure(path, N=16, P=4, layout="zigzag"):
+    """Every step of the ring: the holdings (top row) and the tiles computed (bottom row)."""
+    fig, axes = plt.subplots(2, P, figsize=(RING_WIDTH, 4.4), dpi=RING_DPI)
+    for t in range(P):
+        ring_step_panels((axes[0, t], axes[1, t]), N, P, layout, t)
+    fig.suptitle(f"{layout}, P = {P}: at step t rank r holds the K/V of rank (r - t) mod {P}"
+                 "\n(bottom: bright = tiles of this step, faded = earlier steps)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=RING_DPI)
+    plt.close(fig)
+
+
+def ring_timeline(ax, trace, P, block, title, comm_cost=0.4):
+    """Gantt chart of a forward trace: compute bars (work over a full block's block * block
+    pairs) and send bars (comm_cost per block sent); a step ends when the slowest rank has
+    computed and received. Returns the total time."""
+    work = trace.work["forward"]
+    sent = [m for m in trace.messages if m.phase == "forward"]
+    block_bytes = max(m.nbytes for m in sent) if sent else 1
+    start = 0.0
+    for t in range(P):
+        comp = [w / (block * block) for w in work[t]]
+        comm = [comm_cost * m.nbytes / block_bytes for m in sent if m.step == t]
+        for r in range(P):
+            ax.barh(r + 0.15, comp[r], left=start, height=0.5, color=RING_COLORS[r],
+                    edgecolor="white")
+            if comm:
+                ax.barh(r - 0.3, comm[r], left=start, height=0.2, color="0.4")
+        ax.axvline(start, color="0.85", lw=0.8, zorder=0)
+        start += max(comp + comm)
+    ax.set_yticks(range(P), [f"rank {r}" for r in range(P)], fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("time (one full block = 1)", fontsize=9)
+    ax.set_title(f"{title}: {start:.2f}", fontsize=10)
+    return start
+
+
+def ring_timeline_figure(traces, P, block, path):
+    """One timeline panel per (title, trace); returns the total time of each."""
+    fig, axes = plt.subplots(1, len(traces), figsize=(RING_WIDTH, 2.4), dpi=RING_DPI,
+                             sharex=True)
+    totals = [ring_timeline(ax, tr, P, block, title) for ax, (title, tr) in zip(axes, traces)]
+    fig.tight_layout()
+    fig.savefig(path, dpi=RING_DPI)
+    plt.close(fig)
+    return totals
+
+
+def ring_limit_marks(ax, xs, ys, label):
+    """Short horizontal marks at (x, y), one legend entry (a plain line, not a wide marker)."""
+    ax.hlines(ys, [x - 0.42 for x in xs], [x + 0.42 for x in xs], colors="k", lw=2, label=label)
+
+
+def ring_load_balance_figure(rows, layouts, path):
+    """Bars: busiest device over the ideal per layout and P; marks: (2P-1)/P."""
+    fig, ax = plt.subplots(figsize=(RING_WIDTH, 3.0), dpi=RING_DPI)
+    for i, layout in enumerate(layouts):
+        ax.bar([j + 0.27 * (i - 1) for j in range(len(rows))], [r[layout] for r in rows], 0.27,
+               label=layout)
+    ring_limit_marks(ax, range(len(rows)), [r["(2P-1)/P"] for r in rows],
+                     "(2P-1)/P, contiguous limit")
+    ax.set_xticks(range(len(rows)), [f"P={r['P']}" for r in rows])
+    ax.set_ylabel("busiest device / ideal", fontsize=9)
+    ax.set_title("Causal load balance (chunks of 64 positions)", fontsize=10)
+    ax.set_ylim(0, 2.0)
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=RING_DPI)
+    plt.close(fig)
+
+
+def ring_memory_figure(seqs, curves, path, budget=80):
+    """Per-device peak memory against N: ``curves`` is {label: [GiB per N]}."""
+    fig, ax = plt.subplots(figsize=(RING_WIDTH, 3.6), dpi=RING_DPI)
+    for label, ys in curves.items():
+        ax.loglog(seqs, ys, "x--" if "scores" in label else "o-", label=label)
+    ax.axhline(budget, color="k", ls=":", lw=1)
+    ax.text(seqs[0], budget * 1.15, f"{budget} GiB (one H100)", fontsize=9)
+    ax.set_xlabel("sequence length N", fontsize=9)
+    ax.set_ylabel("peak GiB per device", fontsize=9)
+    ax.set_title("Per-device memory, causal forward, 8 heads x 64, fp32", fontsize=10)
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=RING_DPI)
+    plt.close(fig)
+
+
+def ring_communication_figure(worlds, vol, path):
+    """MiB sent per device against P (N = 4096 P): ``vol`` is {scheme: [MiB per P]}."""
+    fig, ax = plt.subplots(figsize=(RING_WIDTH, 3.2), dpi=RING_DPI)
+    labels = {"ring": "ring (pass K/V)", "allgather": "all-gather K/V", "ulysses": "Ulysses"}
+    for key, ys in vol.items():
+        ax.plot(worlds, ys, "x--" if key == "allgather" else "o-", label=labels[key])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("devices P (sequence N = 4096 P)", fontsize=9)
+    ax.set_ylabel("MiB sent per device", fontsize=9)
+    ax.set_title("Forward communication when N and P grow together", fontsize=10)
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=RING_DPI)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 4, prefix packing (notebooks/04_prefix_packing.ipynb)
+# --------------------------------------------------------------------------------------------
+
+PACKING_DPI = 100  # figures are 7 inches wide: 700 px, as the site column shows them
+
+
+def _packing_segments(ax, segment_ids, cmap="tab20", labels=False):
+    """Rows of segment ids as colours (white = padding); optionally the id in each slot."""
+    seg = torch.as_tensor(segment_ids).float()
+    ax.imshow(seg.masked_fill(seg < 0, float("nan")), aspect="auto", cmap=cmap,
+              vmin=0, vmax=max(float(seg.max()), 1), interpolation="nearest")
+    if labels:
+        for (r, c), v in zip(torch.cartesian_prod(*map(torch.arange, seg.shape)).tolist(),
+                             seg.flatten().tolist()):
+            ax.text(c, r, "pad" if v < 0 else int(v), ha="center", va="center", fontsize=9)
+
+
+def packing_padded_figure(lengths, capacity, path):
+    """The idea: the same prompts padded to a rectangle, prepacked into rows, padding-free."""
+    from refimpl.packing import first_fit_decreasing
+    n, L = len(lengths), max(lengths)
+    bins = first_fit_decreasing(lengths, capacity)
+    rows = torch.full((len(bins), max(sum(lengths[i] for i in b) for b in bins)), -1)
+    for r, b in enumerate(bins):
+        start = 0
+        for i in b:
+            rows[r, start:start + lengths[i]] = i
+            start += lengths[i]
+    padded = torch.tensor([[i if j < m else -1 for j in range(L)] for i, m in enumerate(lengths)])
+    stream = torch.cat([torch.full((m,), i) for i, m in enumerate(lengths)])[None]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 5.6), height_ratios=[n, len(bins), 1.6])
+    real = sum(lengths)
+    for ax, seg, title in [
+            (axes[0], padded, f"padded: {n} rows x {L} slots, {real / padded.numel():.0%} real"),
+            (axes[1], rows, f"prepacked (FFD, capacity {capacity}): {len(bins)} rows, "
+                            f"{real / rows.numel():.0%} real"),
+            (axes[2], stream, f"padding-free: one stream of {real} tokens, cu_seqlens at the ticks")]:
+        _packing_segments(ax, seg)
+        ax.set_title(title, fontsize=10)
+        ax.set_yticks([])
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    axes[2].set_xticks(cu.tolist()[::4], cu.tolist()[::4], fontsize=9)
+    axes[0].set_ylabel("prompt"), axes[1].set_ylabel("row")
+    axes[1].set_xlabel("token slot (colour = prompt, white = padding)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=PACKING_DPI)
+    plt.close(fig)
+
+
+def packing_layout_figure(packed, small, path):
+    """The packed layout: many prompts in rows, and a small example's segment ids,
+    position ids (with their colour scale) and row-0 block-diagonal causal mask."""
+    fig, axes = plt.subplots(2, 2, figsize=(7, 5.4))
+    _packing_segments(axes[0, 0], packed.segment_ids)
+    axes[0, 0].set_title(f"{len(packed.placements)} prompts in "
+                         f"{packed.input_ids.shape[0]} rows (colour = prompt)", fontsize=10)
+    axes[0, 0].set_xlabel("token slot", fontsize=9), axes[0, 0].set_ylabel("row", fontsize=9)
+    _packing_segments(axes[0, 1], small.segment_ids, cmap="Pastel1", labels=True)
+    axes[0, 1].set_title("small example: segment ids", fontsize=10)
+    im = axes[1, 0].imshow(small.position_ids, aspect="auto", cmap="viridis",
+                           interpolation="nearest")
+    fig.colorbar(im, ax=axes[1, 0], label="position id")
+    axes[1, 0].set_title("position ids (restart per prompt)", fontsize=10)
+    allowed = small.attn_mask[0, 0] == 0
+    axes[1, 1].imshow(allowed, cmap="Greys", interpolation="nearest")
+    axes[1, 1].set_title("row 0 mask: black = may attend", fontsize=10)
+    axes[1, 1].set_xlabel("key slot", fontsize=9), axes[1, 1].set_ylabel("query slot", fontsize=9)
+    for ax in (axes[0, 1], axes[1, 0]):
+        ax.set_xlabel("token slot", fontsize=9), ax.set_ylabel("row", fontsize=9)
+        ax.set_yticks(range(small.input_ids.shape[0]))
+    fig.tight_layout()
+    fig.savefig(path, dpi=PACKING_DPI)
+    plt.close(fig)
+
+
+def packing_rows_figure(segment_ids, title, path=None):
+    """Packed rows (colour = prompt, white = padding); saved and closed if ``path``,
+    else left open for the widget to show."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    _packing_segments(ax, segment_ids)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("token slot", fontsize=9), ax.set_ylabel("packed row", fontsize=9)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=PACKING_DPI)
+    plt.close(fig)

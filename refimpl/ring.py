@@ -91,7 +91,8 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     total = wa + wb
     lse = m + torch.log(total)
     total = total.masked_fill(total == 0, 1.0)
-    out = (wa / total)[..., None] * out_a.float() + (wb / total)[..., None] * out_b.float()
+    out = ((wa / total)[..., None] * out_a.float()
+           + (wb / total)[..., None] * out_b.float())
     return out, lse
 
 
@@ -112,11 +113,12 @@ def block_attention(q, k, v, *, sm_scale, causal_offset=None):
     return p @ v.float(), lse
 
 
-def block_attention_backward(q, k, v, dout, lse, delta, *, sm_scale, causal_offset=None):
+def block_attention_backward(q, k, v, dout, lse, delta, *, sm_scale,
+                             causal_offset=None):
     """Gradients of one (query block, key block) pair given the GLOBAL lse of the query rows.
 
-    With P = exp(S - lse) (the block's slice of the full softmax) and delta = rowsum(dO * O)
-    (FlashAttention-2, Algorithm 2): dV = P^T dO, dS = P * (dO V^T - delta),
+    With A = exp(S - lse) (the block's slice of the full softmax) and delta = rowsum(dO * O)
+    (FlashAttention-2, Algorithm 2): dV = A^T dO, dS = A * (dO V^T - delta),
     dQ = s dS K, dK = s dS^T Q. Returns (dq, dk, dv) in fp32.
     """
     check_blocks(q, k, v, sm_scale, causal_offset)
@@ -126,11 +128,18 @@ def block_attention_backward(q, k, v, dout, lse, delta, *, sm_scale, causal_offs
         i = torch.arange(q.shape[-2], device=q.device)[:, None]
         j = torch.arange(k.shape[-2], device=q.device)[None, :]
         s = s.masked_fill(j > i + causal_offset, float("-inf"))
-    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    a = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
     dout = dout.float()
-    dv = p.transpose(-2, -1) @ dout
-    ds = p * (dout @ v.float().transpose(-2, -1) - delta[..., None])
-    return (ds @ k.float()) * sm_scale, (ds.transpose(-2, -1) @ q.float()) * sm_scale, dv
+    dv = a.transpose(-2, -1) @ dout
+    ds = a * (dout @ v.float().transpose(-2, -1) - delta[..., None])
+    dq = (ds @ k.float()) * sm_scale
+    return dq, (ds.transpose(-2, -1) @ q.float()) * sm_scale, dv
+
+
+def empty_partial(q):
+    """The partial result over no key yet: out 0 (fp32) and lse -inf, one row per query."""
+    return (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
+            torch.full(q.shape[:-1], float("-inf"), device=q.device))
 
 
 def blockwise_attention(q, k, v, *, block_size, causal=False, sm_scale=None):
@@ -141,13 +150,15 @@ def blockwise_attention(q, k, v, *, block_size, causal=False, sm_scale=None):
     """
     check_int("block_size", block_size, 1)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+    out, lse = empty_partial(q)
     for start in range(0, k.shape[-2], block_size):
-        kb, vb = k[..., start:start + block_size, :], v[..., start:start + block_size, :]
-        offset = -start if causal else None  # query i, key start + j: visible iff start + j <= i
-        out, lse = merge_partials(out, lse, *block_attention(q, kb, vb, sm_scale=sm_scale,
-                                                             causal_offset=offset))
+        kb = k[..., start:start + block_size, :]
+        vb = v[..., start:start + block_size, :]
+        # query i, key start + j: visible iff start + j <= i
+        offset = -start if causal else None
+        o, l = block_attention(q, kb, vb, sm_scale=sm_scale,
+                               causal_offset=offset)
+        out, lse = merge_partials(out, lse, o, l)
     return out.to(q.dtype)
 
 
@@ -190,10 +201,12 @@ class Segment:
         check_segment(self)
 
     def positions(self) -> torch.Tensor:
-        return torch.arange(self.start, self.start + self.length * self.stride, self.stride)
+        end = self.start + self.length * self.stride
+        return torch.arange(self.start, end, self.stride)
 
 
-def shard_segments(seq_len: int, world_size: int, layout: str) -> list[list[Segment]]:
+def shard_segments(seq_len: int, world_size: int,
+                   layout: str) -> list[list[Segment]]:
     """Which global positions each rank holds.
 
     contiguous: rank r holds chunk r of P. zigzag: 2P chunks, rank r holds r and 2P-1-r (each
@@ -207,7 +220,8 @@ def shard_segments(seq_len: int, world_size: int, layout: str) -> list[list[Segm
         return [[Segment(r * c, c)] for r in range(P)]
     if layout == "zigzag":
         c = seq_len // (2 * P)
-        return [[Segment(r * c, c), Segment((2 * P - 1 - r) * c, c)] for r in range(P)]
+        return [[Segment(r * c, c), Segment((2 * P - 1 - r) * c, c)]
+                for r in range(P)]
     return [[Segment(r, seq_len // P, P)] for r in range(P)]  # striped
 
 
@@ -244,9 +258,11 @@ def visible_tiles(q_segs, k_segs, causal):
         ki = 0
         for b, ks in enumerate(k_segs):
             offset = pair_offset(qs, ks) if causal else None
-            n = visible_pairs(offset, qs.length, ks.length) if causal else qs.length * ks.length
+            n = (visible_pairs(offset, qs.length, ks.length) if causal
+                 else qs.length * ks.length)
             if n:
-                yield a, b, slice(qi, qi + qs.length), slice(ki, ki + ks.length), offset, n
+                rows = slice(qi, qi + qs.length)
+                yield a, b, rows, slice(ki, ki + ks.length), offset, n
             ki += ks.length
         qi += qs.length
 
@@ -262,7 +278,8 @@ def check_shard_inputs(q, k, v, q_segs, k_segs):
                              f"got {shape_or_type(t)}")
 
 
-def attend_shard(q, k, v, q_segs, k_segs, *, causal, sm_scale, block_fn=block_attention):
+def attend_shard(q, k, v, q_segs, k_segs, *, causal, sm_scale,
+                 block_fn=block_attention):
     """One device, one ring step: its query shard against the visiting key/value shard.
 
     Runs ``block_fn`` on each (query segment, key segment) pair with the causal offset of their
@@ -271,15 +288,15 @@ def attend_shard(q, k, v, q_segs, k_segs, *, causal, sm_scale, block_fn=block_at
     computed as (q segment index, k segment index, visible pairs).
     """
     check_shard_inputs(q, k, v, q_segs, k_segs)
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+    out, lse = empty_partial(q)
     work, tiles = 0, []
     for a, b, rows, cols, offset, n in visible_tiles(q_segs, k_segs, causal):
         if offset is not None and offset >= k_segs[b].length - 1:
             offset = None  # every key visible to every query: no mask needed
         o, l = block_fn(q[..., rows, :], k[..., cols, :], v[..., cols, :],
                         sm_scale=sm_scale, causal_offset=offset)
-        out[..., rows, :], lse[..., rows] = merge_partials(out[..., rows, :], lse[..., rows], o, l)
+        out[..., rows, :], lse[..., rows] = merge_partials(
+            out[..., rows, :], lse[..., rows], o, l)
         work += n
         tiles.append((a, b, n))
     return out, lse, work, tiles
@@ -372,6 +389,34 @@ def check_ring_shards(shards, segs, **per_rank):
                              f"got {type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}")
 
 
+def forward_step(shards, segs, kv, acc, mem, *, causal, sm_scale, backend):
+    """One forward ring step on every rank: attend its queries to the K/V it holds (kv[r] =
+    (k, v, source rank)) and merge into its accumulator acc[r]. Returns (work, holds, tiles)."""
+    block_fn = _block_fn(backend)
+    work, holds, tiles = [], [], []
+    for r, (q, _, _) in enumerate(shards):
+        k, v, src = kv[r]
+        mem[r].transient(_score_bytes(backend, segs[r], segs[src], q))
+        o, l, w, tl = attend_shard(q, k, v, segs[r], segs[src], causal=causal,
+                                   sm_scale=sm_scale, block_fn=block_fn)
+        acc[r] = merge_partials(*acc[r], o, l)
+        work.append(w), holds.append(src), tiles.append(tl)
+    return work, holds, tiles
+
+
+def pass_kv(trace, step, kv, mem):
+    """Every rank sends the K/V it holds to rank r + 1; returns what each rank holds next."""
+    P = len(kv)
+    moved = [None] * P
+    for r, (k, v, src) in enumerate(kv):
+        dst = (r + 1) % P
+        moved[dst] = (*_send(trace, "forward", step, r, dst, "kv", k, v), src)
+    for r in range(P):
+        mem[r].drop("recv")
+        mem[r].hold("kv", moved[r][0], moved[r][1])
+    return moved
+
+
 def ring_forward(shards, segs, *, causal, sm_scale, backend, trace):
     """Forward ring: P steps; at step t rank r attends to the K/V of rank (r - t) mod P, then
     passes it to rank r + 1 (the send overlaps the compute, so a receive buffer is live).
@@ -379,42 +424,81 @@ def ring_forward(shards, segs, *, causal, sm_scale, backend, trace):
     check_ring_shards(shards, segs)
     P = len(shards)
     mem = [_Memory() for _ in range(P)]
-    block_fn = _block_fn(backend)
     acc = []
     for r, (q, k, v) in enumerate(shards):
         mem[r].hold("qkv", q, k, v)
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
-        acc.append((out, lse))
-        mem[r].hold("out+lse", out, lse)
+        acc.append(empty_partial(q))
+        mem[r].hold("out+lse", *acc[r])
     kv = [(k, v, r) for r, (_, k, v) in enumerate(shards)]
-    trace.work["forward"], trace.holds["forward"], trace.tiles["forward"] = [], [], []
+    logs = {"work": trace.work, "holds": trace.holds, "tiles": trace.tiles}
+    for log in logs.values():
+        log["forward"] = []
     for t in range(P):
-        if t < P - 1:
+        if t < P - 1:  # the receive buffer fills while this step computes
             for r in range(P):
                 mem[(r + 1) % P].hold("recv", kv[r][0], kv[r][1])
-        work, holds, tiles = [], [], []
-        for r, (q, _, _) in enumerate(shards):
-            k, v, src = kv[r]
-            mem[r].transient(_score_bytes(backend, segs[r], segs[src], q))
-            o, l, w, tl = attend_shard(q, k, v, segs[r], segs[src], causal=causal,
-                                       sm_scale=sm_scale, block_fn=block_fn)
-            acc[r] = merge_partials(*acc[r], o, l)
-            work.append(w), holds.append(src), tiles.append(tl)
-        trace.work["forward"].append(work)
-        trace.holds["forward"].append(holds)
-        trace.tiles["forward"].append(tiles)
+        step = forward_step(shards, segs, kv, acc, mem, causal=causal,
+                            sm_scale=sm_scale, backend=backend)
+        for log, rows in zip(logs.values(), step):
+            log["forward"].append(rows)
         if t < P - 1:
-            moved = [None] * P
-            for r in range(P):
-                k, v, src = kv[r]
-                moved[(r + 1) % P] = (*_send(trace, "forward", t, r, (r + 1) % P, "kv", k, v), src)
-            kv = moved
-            for r in range(P):
-                mem[r].drop("recv")
-                mem[r].hold("kv", kv[r][0], kv[r][1])
+            kv = pass_kv(trace, t, kv, mem)
     trace.peak_bytes["forward"] = [m.peak for m in mem]
     return acc
+
+
+def attend_shard_backward(q, k, v, dout, lse, delta, grads, q_segs, k_segs,
+                          *, causal, sm_scale):
+    """One device, one backward ring step: adds the gradients of its query shard against the
+    visiting K/V shard into grads = (dq, dk, dv) (fp32, in place). Returns the work."""
+    dq, dk, dv = grads
+    work = 0
+    for _, _, rows, cols, offset, n in visible_tiles(q_segs, k_segs, causal):
+        g = block_attention_backward(
+            q[..., rows, :], k[..., cols, :], v[..., cols, :],
+            dout[..., rows, :], lse[..., rows], delta[..., rows],
+            sm_scale=sm_scale, causal_offset=offset)
+        dq[..., rows, :] += g[0]
+        dk[..., cols, :] += g[1]
+        dv[..., cols, :] += g[2]
+        work += n
+    return work
+
+
+def pass_kv_grads(trace, step, travel, mem):
+    """Backward hop: every rank sends K, V with their fp32 dK, dV to rank r + 1; at the last
+    step only dK, dV travel (home). Returns what each rank holds next."""
+    P = len(travel)
+    moved = [None] * P
+    for r, (k, v, dk, dv, src) in enumerate(travel):
+        dst = (r + 1) % P
+        if step < P - 1:
+            sent = _send(trace, "backward", step, r, dst, "kv+dkv",
+                         k, v, dk, dv)
+        else:  # the last hop: only the gradients go home (dst == src)
+            sent = (None, None,
+                    *_send(trace, "backward", step, r, dst, "dkv", dk, dv))
+        moved[dst] = (*sent, src)
+    for r, (k, v, dk, dv, _) in enumerate(moved):
+        mem[r].hold("dkv", dk, dv)
+        if k is not None:
+            mem[r].hold("kv", k, v)
+    return moved
+
+
+def start_backward(shards, outs, lses, douts, mem):
+    """Per rank: its fp32 dQ (zero), delta = rowsum(dO * O), and the block that will
+    travel, (k, v, dk, dv, source rank) with zero fp32 dk, dv."""
+    dqs, deltas, travel = [], [], []
+    for r, (q, k, v) in enumerate(shards):
+        dqs.append(torch.zeros(q.shape, dtype=torch.float32, device=q.device))
+        deltas.append((douts[r].float() * outs[r].float()).sum(-1))
+        mem[r].hold("qkv+out+dout+lse", q, k, v, outs[r], douts[r], lses[r])
+        mem[r].hold("dq", dqs[r])
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        travel.append((k, v, dk, torch.zeros_like(dk), r))
+        mem[r].hold("dkv", dk, dk)
+    return dqs, deltas, travel
 
 
 def ring_backward(shards, outs, lses, douts, segs, *, causal, sm_scale, trace):
@@ -424,51 +508,20 @@ def ring_backward(shards, outs, lses, douts, segs, *, causal, sm_scale, trace):
     check_ring_shards(shards, segs, outs=outs, lses=lses, douts=douts)
     P = len(shards)
     mem = [_Memory() for _ in range(P)]
-    dqs, deltas = [], []
-    for r, (q, k, v) in enumerate(shards):
-        dqs.append(torch.zeros(q.shape, dtype=torch.float32, device=q.device))
-        deltas.append((douts[r].float() * outs[r].float()).sum(-1))
-        mem[r].hold("qkv+out+dout+lse", q, k, v, outs[r], douts[r], lses[r])
-        mem[r].hold("dq", dqs[r])
-    travel = []
-    for r, (_, k, v) in enumerate(shards):
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        travel.append((k, v, dk, torch.zeros_like(dk), r))
-        mem[r].hold("dkv", dk, dk)
+    dqs, deltas, travel = start_backward(shards, outs, lses, douts, mem)
     trace.work["backward"], trace.holds["backward"] = [], []
     for t in range(P):
-        work, holds = [], []
+        work = []
         for r, (q, _, _) in enumerate(shards):
             k, v, dk, dv, src = travel[r]
             mem[r].transient(2 * _score_bytes("torch", segs[r], segs[src], q))
-            w = 0
-            for _, _, rows, cols, offset, n in visible_tiles(segs[r], segs[src], causal):
-                g = block_attention_backward(q[..., rows, :], k[..., cols, :], v[..., cols, :],
-                                             douts[r][..., rows, :], lses[r][..., rows],
-                                             deltas[r][..., rows], sm_scale=sm_scale,
-                                             causal_offset=offset)
-                dqs[r][..., rows, :] += g[0]
-                dk[..., cols, :] += g[1]
-                dv[..., cols, :] += g[2]
-                w += n
-            work.append(w), holds.append(src)
+            work.append(attend_shard_backward(
+                q, k, v, douts[r], lses[r], deltas[r], (dqs[r], dk, dv),
+                segs[r], segs[src], causal=causal, sm_scale=sm_scale))
         trace.work["backward"].append(work)
-        trace.holds["backward"].append(holds)
+        trace.holds["backward"].append([src for *_, src in travel])
         if P > 1:
-            moved = [None] * P
-            for r in range(P):
-                k, v, dk, dv, src = travel[r]
-                dst = (r + 1) % P
-                if t < P - 1:
-                    moved[dst] = (*_send(trace, "backward", t, r, dst, "kv+dkv", k, v, dk, dv), src)
-                else:  # the last hop: only the gradients go home (dst == src)
-                    moved[dst] = (None, None, *_send(trace, "backward", t, r, dst, "dkv", dk, dv), src)
-            travel = moved
-            for r in range(P):
-                k, v, dk, dv, _ = travel[r]
-                mem[r].hold("dkv", dk, dv)
-                if k is not None:
-                    mem[r].hold("kv", k, v)
+            travel = pass_kv_grads(trace, t, travel, mem)
     trace.peak_bytes["backward"] = [m.peak for m in mem]
     return [(dqs[r], travel[r][2], travel[r][3]) for r in range(P)]
 
@@ -497,16 +550,22 @@ def check_ring_args(q, k, v, world_size, layout):
     check_shard_args(q.shape[2], world_size, layout, name="sequence length N")
 
 
+def shard_rows(idx, *tensors):
+    """Per rank r, a tuple of the rows idx[r] (dim 2) of each tensor."""
+    return [tuple(x[:, :, i] for x in tensors) for i in idx]
+
+
 class _RingAttention(torch.autograd.Function):
     """Forward and backward both run on the simulated ring, shard by shard."""
 
     @staticmethod
-    def forward(ctx, q, k, v, world_size, causal, layout, sm_scale, backend, trace):
+    def forward(ctx, q, k, v, world_size, causal, layout, sm_scale, backend,
+                trace):
         segs = shard_segments(q.shape[2], world_size, layout)
         idx = [positions_of(s).to(q.device) for s in segs]
-        shards = [(q[:, :, i], k[:, :, i], v[:, :, i]) for i in idx]
-        acc = ring_forward(shards, segs, causal=causal, sm_scale=sm_scale, backend=backend,
-                           trace=trace)
+        shards = shard_rows(idx, q, k, v)
+        acc = ring_forward(shards, segs, causal=causal, sm_scale=sm_scale,
+                           backend=backend, trace=trace)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         for i, (o, l) in zip(idx, acc):
@@ -519,18 +578,18 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         segs, idx, causal, sm_scale, trace = ctx.args
-        shards = [(q[:, :, i], k[:, :, i], v[:, :, i]) for i in idx]
-        grads = ring_backward(shards, [out[:, :, i] for i in idx], [lse[:, :, i] for i in idx],
-                              [dout[:, :, i] for i in idx], segs, causal=causal,
-                              sm_scale=sm_scale, trace=trace)
+        outs, lses, douts = map(list, zip(*shard_rows(idx, out, lse, dout)))
+        grads = ring_backward(shard_rows(idx, q, k, v), outs, lses, douts, segs,
+                              causal=causal, sm_scale=sm_scale, trace=trace)
         dq, dk, dv = (torch.empty_like(q) for _ in range(3))
-        for i, (gq, gk, gv) in zip(idx, grads):
-            dq[:, :, i], dk[:, :, i], dv[:, :, i] = gq.to(q.dtype), gk.to(q.dtype), gv.to(q.dtype)
+        for i, g in zip(idx, grads):
+            for full, part in zip((dq, dk, dv), g):
+                full[:, :, i] = part.to(q.dtype)
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def ring_attention(q, k, v, *, world_size, causal=False, layout="contiguous", sm_scale=None,
-                   backend="torch", trace=None):
+def ring_attention(q, k, v, *, world_size, causal=False, layout="contiguous",
+                   sm_scale=None, backend="torch", trace=None):
     """Self-attention of q, k, v [B, H, N, D] on ``world_size`` simulated devices in a ring.
 
     Equals softmax(sm_scale q k^T + causal mask) v exactly (up to fp32 rounding). Pass a
@@ -542,51 +601,91 @@ def ring_attention(q, k, v, *, world_size, causal=False, layout="contiguous", sm
     check_ring_args(q, k, v, world_size, layout)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else check_real("sm_scale", sm_scale)
+    sm_scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None
+                else check_real("sm_scale", sm_scale))
     trace = RingTrace() if trace is None else trace
-    return _RingAttention.apply(q, k, v, world_size, bool(causal), layout, sm_scale, backend, trace)
+    return _RingAttention.apply(q, k, v, world_size, bool(causal), layout,
+                                sm_scale, backend, trace)
 
 
-def ulysses_attention(q, k, v, *, world_size, causal=False, sm_scale=None, trace=None):
+def check_ulysses_args(q, k, v, world_size):
+    """ValueError naming the argument unless q, k, v [B, H, N, D] split into world_size head
+    groups and world_size sequence shards."""
+    _check_qkv(q, k, v, world_size)
+    _, H, N, _ = q.shape
+    if H % world_size:
+        raise ValueError(f"heads H = {H} must be divisible by world_size = {world_size} for Ulysses")
+    if N == 0 or N % world_size:
+        raise ValueError(f"sequence length N = {N} must be a positive multiple of world_size = {world_size}")
+
+
+def all_to_all(trace, step, what, pieces):
+    """pieces[r][s] is what rank r sends to rank s; returns got[s][r], what s received from r
+    (its own piece is not sent)."""
+    P = len(pieces)
+    def piece(r, s):
+        if r == s:
+            return pieces[r][s]
+        return _send(trace, "forward", step, r, s, what, pieces[r][s])[0]
+    return [[piece(r, s) for r in range(P)] for s in range(P)]
+
+
+def to_head_shards(trace, seq_shards, hp):
+    """Ulysses' first all-to-alls: seq_shards[r] = [q, k, v] of rank r, [B, H, N/P, D];
+    returns [q, k, v] per rank, each [B, H/P, N, D] (hp = H/P heads, all positions)."""
+    P = len(seq_shards)
+    head_shards = []  # head_shards[j][s]: rank s's q, k or v
+    for j, name in enumerate("qkv"):
+        got = all_to_all(trace, 0, name, [
+            [seq_shards[r][j][:, s * hp:(s + 1) * hp] for s in range(P)]
+            for r in range(P)])
+        head_shards.append([torch.cat(got[s], dim=2) for s in range(P)])
+    return [[h[s] for h in head_shards] for s in range(P)]
+
+
+def ulysses_attention(q, k, v, *, world_size, causal=False, sm_scale=None,
+                      trace=None):
     """DeepSpeed-Ulysses on simulated devices: all-to-all from sequence-sharded [B, H, N/P, D]
     to head-sharded [B, H/P, N, D] for q, k, v; full attention per head group; all-to-all back.
     Gradients flow through autograd (the transpose of an all-to-all is an all-to-all)."""
-    _check_qkv(q, k, v, world_size)
+    check_ulysses_args(q, k, v, world_size)
     B, H, N, D = q.shape
     P = world_size
-    if H % P:
-        raise ValueError(f"heads H = {H} must be divisible by world_size = {P} for Ulysses")
-    if N == 0 or N % P:
-        raise ValueError(f"sequence length N = {N} must be a positive multiple of world_size = {P}")
-    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else check_real("sm_scale", sm_scale)
+    sm_scale = (1.0 / math.sqrt(D) if sm_scale is None
+                else check_real("sm_scale", sm_scale))
     trace = RingTrace() if trace is None else trace
     c, hp = N // P, H // P
     mem = [_Memory() for _ in range(P)]
-    seq_shards = [[x[:, :, r * c:(r + 1) * c] for x in (q, k, v)] for r in range(P)]
-    for r in range(P):
-        mem[r].hold("qkv", *seq_shards[r])
-
-    def all_to_all(step, what, pieces):  # pieces[r][s]: what rank r sends to rank s
-        return [[pieces[r][s] if r == s else _send(trace, "forward", step, r, s, what, pieces[r][s])[0]
-                 for r in range(P)] for s in range(P)]
-
-    head_shards = []
-    for j, name in enumerate("qkv"):
-        got = all_to_all(0, name, [[seq_shards[r][j][:, s * hp:(s + 1) * hp] for s in range(P)]
-                                   for r in range(P)])
-        head_shards.append([torch.cat(got[s], dim=2) for s in range(P)])  # [B, H/P, N, D]
+    seq_shards = [[x[:, :, r * c:(r + 1) * c] for x in (q, k, v)]
+                  for r in range(P)]
+    heads = to_head_shards(trace, seq_shards, hp)
     outs = []
     for s in range(P):
-        mem[s].hold("qkv_heads", *(h[s] for h in head_shards))
+        mem[s].hold("qkv", *seq_shards[s])
+        mem[s].hold("qkv_heads", *heads[s])
         mem[s].transient(B * hp * N * N * 4)
-        o, _ = block_attention(*(h[s] for h in head_shards), sm_scale=sm_scale,
+        o, _ = block_attention(*heads[s], sm_scale=sm_scale,
                                causal_offset=0 if causal else None)
         outs.append(o.to(q.dtype))
         mem[s].hold("out_heads", outs[s])
-    back = all_to_all(1, "out", [[outs[s][:, :, r * c:(r + 1) * c] for r in range(P)]
-                                 for s in range(P)])
+    back = all_to_all(trace, 1, "out", [
+        [outs[s][:, :, r * c:(r + 1) * c] for r in range(P)] for s in range(P)])
     trace.peak_bytes["forward"] = [m.peak for m in mem]
     return torch.cat([torch.cat(back[r], dim=1) for r in range(P)], dim=2)
+
+
+def check_comm_args(scheme, seq_len, world_size, heads, head_dim, batch, dtype):
+    """ValueError naming the argument unless ``comm_volume`` can count this layer."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    for name, val in (("seq_len", seq_len), ("world_size", world_size), ("heads", heads),
+                      ("head_dim", head_dim), ("batch", batch)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+    if seq_len % world_size:
+        raise ValueError(f"seq_len = {seq_len} must be a multiple of world_size = {world_size}")
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
 
 
 def comm_volume(scheme, *, seq_len, world_size, heads, head_dim, batch=1,
@@ -600,22 +699,14 @@ def comm_volume(scheme, *, seq_len, world_size, heads, head_dim, batch=1,
     all-to-alls (q, k, v, out), each keeping 1/P of a device's shard, i.e.
     4 N H D (P-1) / P^2 elements: constant when N and P grow together.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    for name, val in (("seq_len", seq_len), ("world_size", world_size), ("heads", heads),
-                      ("head_dim", head_dim), ("batch", batch)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+    check_comm_args(scheme, seq_len, world_size, heads, head_dim, batch, dtype)
     P = world_size
-    if seq_len % P:
-        raise ValueError(f"seq_len = {seq_len} must be a multiple of world_size = {P}")
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
     e = torch.empty(0, dtype=dtype).element_size()
     block = batch * heads * (seq_len // P) * head_dim  # elements of one K (or V) shard
     if scheme == "ulysses":
         if heads % P:
-            raise ValueError(f"heads = {heads} must be divisible by world_size = {P} for Ulysses")
+            raise ValueError(f"heads = {heads} must be divisible by "
+                             f"world_size = {P} for Ulysses")
         fwd = 4 * (P - 1) * (block // P) * e
         return fwd * (2 if backward else 1)
     fwd = 2 * (P - 1) * block * e

@@ -60,6 +60,31 @@ def test_ring_block_backend_matches_torch_block(offset, kernel_device):
     torch.testing.assert_close(out, ref2, atol=out_tol, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ring_block_writes_fp32_for_the_merge(dtype, kernel_device):
+    """Low-precision inputs, fp32 output (the merge's accumulator dtype): the kernel's result
+    is not rounded to the input dtype, so it is closer to the fp32 reference than any value of
+    that dtype can be."""
+    out_tol, lse_tol = attention_tol(kernel_device, dtype)
+    q, k, v = (x.to(dtype) for x in qkv(45, 29, D=24, seed=3, device=kernel_device))
+    out, lse = ring_block_attention(q, k, v, sm_scale=0.4, causal_offset=-5)
+    ref_out, ref_lse = block_attention(q, k, v, sm_scale=0.4, causal_offset=-5)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, atol=out_tol, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=lse_tol, rtol=lse_tol)
+    if kernel_device.type == "cpu":  # exact fp32 dots: no output is an fp16/bf16 value apart
+        assert not torch.equal(out, out.to(dtype).float())
+
+
+def test_ring_block_on_meta_tensors_reports_shapes_only():
+    q, k, v = (torch.empty(2, 3, n, 16, device="meta") for n in (40, 24, 24))
+    out, lse = ring_block_attention(q, k, v, sm_scale=0.25, causal_offset=0)
+    assert out.is_meta and out.shape == (2, 3, 40, 16) and out.dtype == torch.float32
+    assert lse.is_meta and lse.shape == (2, 3, 40)
+    with pytest.raises(ValueError, match="causal_offset"):
+        ring_block_attention(q, k, v, sm_scale=0.25, causal_offset=0.5)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("P", [2, 4])
 def test_ring_with_kernel_backend_matches_sdpa(P, layout, kernel_device):

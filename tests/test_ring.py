@@ -196,6 +196,23 @@ def test_peak_memory_per_device_shrinks_with_P():
         assert peak[P] >= full_scores / P ** 2 + qkv / P
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("P", [1, 2, 4, 8])
+def test_forward_peak_holds_three_kv_blocks_with_flash_blocks(P, layout):
+    """With the flash block (no score term, meta tensors: the Triton wrapper only reports shapes),
+    a device's peak is exactly q + fp32 out + lse + its own K/V + the visiting K/V + the receive
+    buffer: three K/V pairs from P = 3 on (steps 1 .. P-2), two at P = 2 (step 0 visits its own
+    block, the last step receives nothing), one at P = 1 (flash attention on one device)."""
+    B, H, N, D = 1, 2, 64, 8
+    x = torch.empty(B, H, N, D, device="meta")
+    trace = RingTrace()
+    ring_attention(x, x, x, world_size=P, causal=True, layout=layout, backend="triton",
+                   trace=trace)
+    block, lse = B * H * (N // P) * D * 4, B * H * (N // P) * 4
+    pairs = min(P, 3)
+    assert trace.peak_bytes["forward"] == [2 * block + lse + 2 * pairs * block] * P
+
+
 # -- Ulysses -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -32,19 +32,24 @@ def load_balance(worlds=(2, 4, 8, 16), chunk=64):
             ring_attention(q, q, q, world_size=P, causal=True, layout=layout, trace=trace)
             work = [sum(col) for col in zip(*trace.work["forward"])]
             rows.append({"P": P, "layout": layout, "busiest_over_ideal": max(work) / (sum(work) / P),
-                         "paper_contiguous": (2 * P - 1) / P})
+                         "derived_contiguous": (2 * P - 1) / P})
     return rows
 
 
 def memory(seqs=(4096, 16384, 65536, 262144, 1048576), worlds=(1, 2, 4, 8)):
-    """Per-device peak forward bytes (simulation on meta tensors, fp32, 8 heads of 64)."""
+    """Per-device peak forward bytes (simulation on meta tensors, fp32, 8 heads of 64), with
+    the plain-torch block (materialised scores) and the flash block (the Triton backend, no
+    scores); P = 1 with the flash block is flash attention on one device."""
     rows = []
     for N in tqdm(seqs, desc="memory"):
         q = torch.empty(1, HEADS, N, DIM, device="meta")
         for P in worlds:
-            trace = RingTrace()
-            ring_attention(q, q, q, world_size=P, causal=True, trace=trace)
-            rows.append({"N": N, "P": P, "peak_GiB": trace.peak_bytes["forward"][0] / 2 ** 30,
+            peak = {}
+            for backend in ("torch", "triton"):
+                trace = RingTrace()
+                ring_attention(q, q, q, world_size=P, causal=True, backend=backend, trace=trace)
+                peak[backend] = trace.peak_bytes["forward"][0] / 2 ** 30
+            rows.append({"N": N, "P": P, "peak_GiB": peak["torch"], "peak_flash_GiB": peak["triton"],
                          "full_attention_GiB": (4 * N * HEADS * DIM + N * N * HEADS) * 4 / 2 ** 30})
     return rows
 
@@ -129,7 +134,14 @@ def run() -> dict:
     for key in ("load_balance", "memory", "communication", "wall_time"):
         print(f"-- {key}")
         print_table(results[key])
+    fig = plot(results)
+    write_results("ring", results, fig)
+    plt.close(fig)
+    return results
 
+
+def plot(results):
+    """The four panels of figures/bench_ring.png from the results (also from the JSON)."""
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ax = axes[0, 0]
     lb = results["load_balance"]
@@ -137,23 +149,26 @@ def run() -> dict:
     for i, layout in enumerate(LAYOUTS):
         ax.bar([j + 0.25 * (i - 1) for j in range(len(worlds))],
                [r["busiest_over_ideal"] for r in lb if r["layout"] == layout], 0.25, label=layout)
-    ax.plot(range(len(worlds)), [(2 * P - 1) / P for P in worlds], "k_", ms=30, mew=2,
-            label="(2P-1)/P (paper)")
+    ax.hlines([(2 * P - 1) / P for P in worlds], [j - 0.42 for j in range(len(worlds))],
+              [j + 0.42 for j in range(len(worlds))], colors="k", lw=2,
+              label="(2P-1)/P, contiguous limit (derived)")
     ax.set_xticks(range(len(worlds)), [f"P={P}" for P in worlds])
     ax.set_ylabel("busiest device / ideal (causal)")
     ax.set_title("Load balance (simulated)")
-    ax.set_ylim(0, 2.6)
-    ax.legend(fontsize=8, ncol=2, loc="upper left")
+    ax.set_ylim(0, 2.7)
+    ax.legend(fontsize=8, ncol=2, loc="upper left", borderaxespad=0.6)
 
     ax = axes[0, 1]
     mem = results["memory"]
     seqs = sorted({r["N"] for r in mem})
     for P in sorted({r["P"] for r in mem}):
-        ax.loglog(seqs, [r["peak_GiB"] for r in mem if r["P"] == P], "o-", label=f"ring, P={P}")
-    ax.loglog(seqs, [r["full_attention_GiB"] for r in mem if r["P"] == 1], "k--", label="full attention")
+        ax.loglog(seqs, [r["peak_flash_GiB"] for r in mem if r["P"] == P], "o-",
+                  label="flash, one device" if P == 1 else f"ring, P={P} (flash blocks)")
+    ax.loglog(seqs, [r["peak_GiB"] for r in mem if r["P"] == 1], "k--",
+              label="one device, materialised scores")
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("peak memory per device (GiB)")
-    ax.set_title(f"Memory, fp32, {HEADS} heads x {DIM} (torch blocks)")
+    ax.set_title(f"Memory per device, fp32, {HEADS} heads x {DIM}")
     ax.legend(fontsize=8)
 
     ax = axes[1, 0]
@@ -175,6 +190,4 @@ def run() -> dict:
     ax.set_xlabel("ms (causal forward, N = 4096)")
     ax.set_title(f"Wall time on {os.cpu_count()} CPU cores, 1 thread per process")
     fig.tight_layout()
-    write_results("ring", results, fig)
-    plt.close(fig)
-    return results
+    return fig
