@@ -22,7 +22,7 @@ from refimpl.kernels.common import MAX_BLOCK
 from refimpl.kernels.search import launch_config as search_config
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ["attention", "varlen", "ring", "pointer", "search", "speculative"]
+KERNELS = ["attention", "varlen", "pointer", "search", "speculative"]
 COMPILED_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 

@@ -68,7 +68,7 @@ def launches():
     dtypes = common.FLOAT_DTYPES
     for dtype, causal, D in itertools.product(dtypes, (True, False), range(1, attention.MAX_HEAD_DIM + 1)):
         config = items(attention.launch_config(D, dtype))
-        for kernel in ("attention", "varlen", "ring"):  # varlen and ring use the same configuration
+        for kernel in ("attention", "varlen"):  # the varlen kernel uses the same configuration
             yield Launch(kernel, dtype, (("CAUSAL", causal),), config)
     for dtype, masked, n in itertools.product(dtypes, (True, False), range(1, pointer.MAX_N + 1)):
         yield Launch("pointer", dtype, (("HAS_MASK", masked),), items(pointer.launch_config(n)))
@@ -127,12 +127,8 @@ CONTROLS = [
 def _kernel_spec(name, dtype, flags):
     """(JIT function, pointer types, fp32 scalars, unit strides, fixed constexprs) for a kernel.
     Unit strides are those of contiguous tensors, which the JIT compiles as the constant 1."""
-    from refimpl.kernels import attention, packing, pointer, ring, search, speculative
+    from refimpl.kernels import attention, packing, pointer, search, speculative
     t = "*" + TRITON_DTYPE[dtype]
-    if name == "ring":  # out and lse are fp32 and contiguous: no strides of their own
-        types = {"Q": t, "K": t, "V": t, "Out": "*fp32", "Lse": "*fp32"}
-        units = ("stride_qd", "stride_kd", "stride_vd")
-        return ring._ring_block_kernel, types, ("sm_scale",), units, {"IEEE": False}
     if name in ("attention", "varlen"):
         fn = attention._attn_fwd_kernel if name == "attention" else packing._varlen_fwd_kernel
         extra = {"Lse": "*fp32"} if name == "attention" else {"CuSeqlens": "*i32"}

@@ -8,12 +8,11 @@ positions a + i*st and a key block at b + j*st (st = 1 for contiguous and zigzag
 st = P for striped), key j is visible to query i iff j <= i + floor((a - b) / st): exactly the
 ``causal_offset`` of the foundation kernel ``refimpl.kernels.attention.flash_attention``.
 
-``_ring_block_kernel`` is that kernel's program with the two changes the ring needs: the
-output is written in fp32, the dtype of the accumulator that ``refimpl.ring.merge_partials``
-keeps across the P steps (no rounding to q's dtype between steps), and the offset is the
-global one of any sign (a block wholly in the future loops over no key and returns out 0,
-lse -inf, which the merge ignores). It reuses the foundation's jit pieces ``_tile``,
-``_attn_fwd_inner`` (the online softmax over key tiles) and ``_attn_store``.
+``ring_block_attention`` launches that kernel's program, ``_attn_fwd_kernel``, with the two
+things the ring needs: an fp32 output buffer (the kernel stores in the output's dtype), the
+dtype of the accumulator that ``refimpl.ring.merge_partials`` keeps across the P steps (no
+rounding to q's dtype between steps), and the global offset of any sign (a block wholly in the
+future loops over no key and returns out 0, lse -inf, which the merge ignores).
 """
 from __future__ import annotations
 
@@ -21,10 +20,9 @@ import operator
 
 import torch
 import triton
-import triton.language as tl
 
-from refimpl.kernels.attention import (_attn_fwd_inner, _attn_store, _tile, check_flash_args,
-                                       flash_attention, launch_config)
+from refimpl.kernels.attention import (_attn_fwd_kernel, check_flash_args, flash_attention,
+                                       launch_config)
 from refimpl.kernels.common import check_device, check_launch, interpreted
 from refimpl.ring import check_blocks
 
@@ -38,44 +36,9 @@ def global_offset(q_start: int, k_start: int, stride: int = 1) -> int:
     return (q_start - k_start) // stride
 
 
-@triton.jit
-def _ring_block_kernel(
-    # q [B, H, T, D], k and v [B, H, S, D]; out [B, H, T, D] fp32 and
-    # lse [B, H, T], both contiguous
-    Q, K, V, Out, Lse,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    # key j is visible to query i iff j <= i + offset, the blocks' global offset
-    H, T, S, D, sm_scale, offset,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-):
-    # this program: query rows pid_m * BLOCK_M + [0, BLOCK_M) of head h, batch b
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs, q_ok = _tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d,
-                         stride_qt, stride_qd, T, D)
-    q = tl.load(q_ptrs, mask=q_ok, other=0.0)
-    hi = S
-    if CAUSAL:  # no key past the last row's diagonal (none: all in the future)
-        hi = tl.minimum(S, tl.maximum((pid_m + 1) * BLOCK_M + offset, 0))
-    acc, l_i, m_i = _attn_fwd_inner(
-        q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
-        stride_ks, stride_kd, stride_vs, stride_vd, offs_m, offs_d, S, D, hi,
-        sm_scale, offset, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
-    # fp32 out, contiguous: row stride D; the merge reads it with the lse
-    o_ptrs, o_ok = _tile(Out + pid_bh * T * D, offs_m, offs_d, D, 1, T, D)
-    _attn_store(o_ptrs, o_ok, Lse + pid_bh * T + offs_m, offs_m < T,
-                acc, l_i, m_i)
-
-
 def ring_block_attention(q, k, v, *, sm_scale, causal_offset=None):
-    """Backend for ``refimpl.ring``: ``_ring_block_kernel`` with the reference block's
-    signature (``refimpl.ring.block_attention``).
+    """Backend for ``refimpl.ring``: ``_attn_fwd_kernel`` into an fp32 output, with the
+    reference block's signature (``refimpl.ring.block_attention``).
 
     q [B, H, T, D], k and v [B, H, S, D]. Returns (out fp32, lse); ``causal_offset`` None means
     no mask. On ``meta`` tensors (shapes only: the ring's memory model) it returns the two
@@ -90,12 +53,12 @@ def ring_block_attention(q, k, v, *, sm_scale, causal_offset=None):
     _, S, sm_scale, offset = check_flash_args(q, k, v, sm_scale, causal_offset)
     config = launch_config(D, q.dtype)
     check_launch(grid_yz=[("B * H", B * H)], q=q, k=k, v=v)
-    check_device(q, "q", _ring_block_kernel)
+    check_device(q, "q", _attn_fwd_kernel)
     grid = (triton.cdiv(T, config["BLOCK_M"]), B * H)  # query blocks x heads
-    _ring_block_kernel[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(),
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, T, S, D, sm_scale, offset, CAUSAL=causal_offset is not None,
-        IEEE=interpreted(_ring_block_kernel), **config)
+        IEEE=interpreted(_attn_fwd_kernel), **config)
     return out, lse
 
 
