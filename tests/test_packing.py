@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 
 from refimpl import lm
 from refimpl.hf import HFCausalLM
-from refimpl.packing import (best_fit_decreasing, block_causal_allowed, first_fit_decreasing, generate_packed,
-                             lower_bound, optimal_bins, pack_prompts, pad_cache, packed_prefill,
-                             padding_free_prefill, unpack, varlen_attention)
+from refimpl.packing import (best_fit_decreasing, block_causal_allowed, cumulative_lengths, decode_mask,
+                             first_fit_decreasing, generate_packed, layout_rows, length_groups, lower_bound,
+                             optimal_bins, pack_prompts, pad_cache, packed_prefill, padding_free_prefill,
+                             stream_inputs, unpack, varlen_attention)
 from tiny_hf import tiny_hf
 
 V, BLOCK, ATOL = 50, 64, 1e-5
@@ -195,6 +196,41 @@ def test_varlen_attention_equals_per_sequence_softmax(causal):
                                atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("group_size", [1, 2, 3, 64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_grouped_varlen_attention_equals_per_sequence_softmax(causal, group_size):
+    lengths = [5, 1, 30, 7, 7, 2, 19]
+    g = torch.Generator().manual_seed(group_size)
+    q, k, v = (torch.randn(sum(lengths), 2, 8, generator=g) for _ in range(3))
+    cu = cumulative_lengths(lengths)
+    torch.testing.assert_close(varlen_attention(q, k, v, cu, causal, group_size),
+                               reference_varlen(q, k, v, lengths, causal), atol=ATOL, rtol=0)
+
+
+def test_length_groups_cover_every_row_once_longest_first():
+    lengths = [3, 9, 1, 9, 4]
+    groups = length_groups(cumulative_lengths(lengths), 2)
+    assert [tuple(rows.shape) for rows, _ in groups] == [(2, 9), (2, 4), (1, 1)]
+    real_rows = torch.cat([rows[real] for rows, real in groups])
+    assert sorted(real_rows.tolist()) == list(range(sum(lengths)))
+    assert [int(real.sum(1).max()) for _, real in groups] == [9, 4, 1]
+    with pytest.raises(ValueError, match="group_size"):
+        length_groups(cumulative_lengths(lengths), 0)
+
+
+def test_layout_stream_and_decode_mask_by_hand():
+    prompts = [torch.arange(5), torch.arange(3), torch.arange(4), torch.arange(2)]
+    ids, pos, seg, where = layout_rows(prompts, [[0, 1], [2, 3]])
+    assert seg.tolist() == [[0] * 5 + [1] * 3, [2] * 4 + [3] * 2 + [-1] * 2]
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]]
+    assert [(p.row, p.start, p.length) for p in where] == [(0, 0, 5), (0, 5, 3), (1, 0, 4), (1, 4, 2)]
+    ids, cu, pos = stream_inputs(prompts)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 5, 8, 12, 14]
+    assert pos.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 0, 1]
+    allowed = decode_mask(torch.tensor([2, 4]), 4, 1)[:, 0, 0] == 0
+    assert allowed.tolist() == [[True, True, False, False, True, True], [True] * 6]
+
+
 def test_padding_free_prefill_equals_each_prompt_alone():
     model = build("tiny")
     prompts = random_prompts(LENGTHS, seed=7)
@@ -264,12 +300,23 @@ def test_ffd_takes_the_first_bin_and_bfd_the_fullest(lengths, extra):
 def test_benchmark_paths_agree_and_lengths_stay_in_range():
     import random
 
-    from refimpl.benchmarks.packing import padded_prefill, peak_bytes, prepacked_prefill, sample_lengths
+    from refimpl.benchmarks.packing import (PREFILLS, memory_batch, padded_prefill, paired_seconds, peak_bytes,
+                                            per_sequence_prefill, prepacked_prefill, sample_lengths,
+                                            time_batch)
     model = build("tiny")
     prompts = random_prompts(LENGTHS, seed=8)
     want = alone(model, prompts)
-    for fn in (padded_prefill, prepacked_prefill, padding_free_prefill):
+    for fn in (padded_prefill, prepacked_prefill, padding_free_prefill, per_sequence_prefill):
         torch.testing.assert_close(fn(model, prompts), want, atol=ATOL, rtol=0)
+    calls = []
+    times = paired_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]  # warm-up, then rounds
+    row = memory_batch(model, prompts, time_batch(model, prompts, 2))  # memory without the mallopt
+    assert row["padded_MB"] > 0 and row["prepacked_mem_saving"] > 0
+    assert set(PREFILLS) == {"padded", "prepacked", "padding-free", "per-sequence"}
+    assert row["padding-free_eff"] == 1 and row["padded_eff"] == sum(LENGTHS) / (len(LENGTHS) * max(LENGTHS))
+    lo, hi = row["padding-free_vs_prepacked_range"]
+    assert lo <= row["padding-free_vs_prepacked"] <= hi
     corpus = "ab\n\nabcdef\n" + "x" * 300 + "\n"
     for dist in ("uniform", "lognormal", "corpus"):
         lengths = sample_lengths(dist, 200, BLOCK, random.Random(0), corpus)
@@ -311,6 +358,9 @@ BAD_CALLS = {
     "pad_cache length float": (lambda: pad_cache(_cache(1, 3), 4.0), "length"),
     "padding-free attention": (lambda: padding_free_prefill(build("tiny"), random_prompts([3]), "sdpa"),
                                "attention"),
+    "group_size 0": (lambda: varlen_attention(torch.zeros(3, 1, 4), torch.zeros(3, 1, 4), torch.zeros(3, 1, 4),
+                                              cumulative_lengths([1, 2]), True, 0), "group_size"),
+    "max_items float": (lambda: optimal_bins([1, 2], 5, 2.5), "max_items"),
 }
 
 

@@ -5,7 +5,7 @@
 compiles the kernel):
 
 - flash attention against ``F.scaled_dot_product_attention`` (causal; fp16, bf16, fp32),
-- varlen attention against ``refimpl.packing.varlen_attention`` (one SDPA call per sequence),
+- varlen attention against ``refimpl.packing.varlen_attention`` (one SDPA call per group of similar lengths),
 - the diverse-beam-search step against ``refimpl.search.group_candidates``,
 - speculative verification against ``refimpl.kernels.speculative.verify_reference``,
 - the pointer log-probs against ``refimpl.pointer.pointer_log_probs``,

@@ -8,21 +8,26 @@ Peak memory is the process's resident-set high-water mark during the call
 (``/proc/self/clear_refs`` resets it; glibc is told to return big buffers).
 """
 import ctypes
+import functools
 import math
 import random
+import statistics
+import time
 
 import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from refimpl.bench import median_seconds, print_table, write_results
+from refimpl.bench import print_table, write_results
 from refimpl.data import CharTokenizer, load_corpus
 from refimpl.lm import load
-from refimpl.packing import pack_prompts, padding_free_prefill
+from refimpl.packing import pack_prompts, padding_free_prefill, varlen_attention
 
 PREPACKING_REPO = {"speedup": 5.2, "memory_saving": 7.6, "gpu": "A6000", "model": "1.3B",
                    "dataset": "MMLU", "batch_size": 64}
-METHODS = ("padded", "prepacked", "padding-free")
+METHODS = ("padded", "prepacked", "padding-free", "per-sequence")
+# "per-sequence" is padding-free with one SDPA call per sequence (group_size=1), the
+# chapter's first version: the same work as "padding-free", more Python and smaller calls.
 
 
 def sample_lengths(distribution: str, n: int, max_len: int, rng: random.Random, corpus: str) -> list[int]:
@@ -73,57 +78,137 @@ def peak_bytes(fn) -> int:
     return _status("VmHWM") - before
 
 
-def run(batch_sizes=(16, 64), distributions=("uniform", "lognormal", "corpus"), repeats: int = 3,
+@torch.no_grad()
+def per_sequence_prefill(model, prompts):
+    """Padding-free prefill whose attention makes one SDPA call per sequence."""
+    return padding_free_prefill(model, prompts, functools.partial(varlen_attention, group_size=1))
+
+
+PREFILLS = {"padded": padded_prefill, "prepacked": prepacked_prefill,
+            "padding-free": padding_free_prefill, "per-sequence": per_sequence_prefill}
+
+
+def paired_seconds(fns: dict, repeats: int) -> dict:
+    """Per method, its seconds in each of ``repeats`` rounds; a round calls every method once,
+    back to back (after one warm-up call each), so that the ratio of two methods in one round
+    compares adjacent calls and a slow spell of a shared machine hits both alike."""
+    for fn in fns.values():
+        fn()
+    times = {m: [] for m in fns}
+    for _ in range(repeats):
+        for m, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[m].append(time.perf_counter() - start)
+    return times
+
+
+def time_batch(model, prompts, repeats: int) -> dict:
+    """Times of every method on one batch: medians over rounds, and medians (with ranges) of the
+    per-round ratios. Run under ``mallopt_for_timing()``, not the memory measurement's setting."""
+    ref = padded_prefill(model, prompts)
+    lengths = [len(p) for p in prompts]
+    real = sum(lengths)
+    slots = {"padded": len(prompts) * max(lengths), "prepacked": pack_prompts(prompts).input_ids.numel(),
+             "padding-free": real, "per-sequence": real}
+    row = {"batch": len(prompts), "mean_len": real / len(prompts), "max_len": max(lengths)}
+    fns = {m: functools.partial(fn, model, prompts) for m, fn in PREFILLS.items()}
+    for m, fn in fns.items():
+        err = (fn() - ref).abs().max().item()
+        assert err < 1e-3, f"{m} disagrees with the padded batch by {err}"
+    times = paired_seconds(fns, repeats)
+    for m in METHODS:
+        row[f"{m}_ms"] = 1e3 * statistics.median(times[m])
+        row[f"{m}_eff"] = real / slots[m]
+    for m in METHODS[1:]:
+        ratios = [a / b for a, b in zip(times["padded"], times[m])]
+        row[f"{m}_speedup"] = statistics.median(ratios)
+        row[f"{m}_speedup_range"] = [min(ratios), max(ratios)]
+    pf = [a / b for a, b in zip(times["prepacked"], times["padding-free"])]
+    row["padding-free_vs_prepacked"] = statistics.median(pf)
+    row["padding-free_vs_prepacked_range"] = [min(pf), max(pf)]
+    return row
+
+
+def memory_batch(model, prompts, row: dict) -> dict:
+    """Adds each method's resident-memory high-water mark (MB) and saving over padded to ``row``.
+    Needs ``mallopt_for_memory()`` first, so that freed buffers go back to the OS."""
+    for m, fn in PREFILLS.items():
+        # resident memory grows by pages: count at least one (a tiny model may add none)
+        peak = max(4096, *(peak_bytes(lambda: fn(model, prompts)) for _ in range(2)))
+        row[f"{m}_MB"] = peak / 2**20
+    for m in METHODS[1:]:
+        row[f"{m}_mem_saving"] = row["padded_MB"] / row[f"{m}_MB"]
+    return row  # the keys *_MB and *_mem_saving
+
+
+def mallopt_for_memory():
+    """M_MMAP_THRESHOLD = 64 KiB: every bigger buffer is a fresh mmap, returned to the OS when freed,
+    so that the resident high-water mark sees each call's own peak. It makes allocation slow
+    (page faults on every buffer), and more so for a method with many mid-sized buffers."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
+
+
+def mallopt_for_timing():
+    """Buffers up to 32 MiB from the heap again, and no trimming below 64 MiB: what glibc's
+    dynamic threshold settles at after a few large frees, so allocation stays cheap."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+
+
+def packing_bench_figure(rows, batch):
+    """Time, memory and efficiency of each method at one batch size, per distribution."""
+    last = [r for r in rows if r["batch"] == batch]
+    fig, axes = plt.subplots(1, 3, figsize=(7, 3.6))
+    width = 0.2
+    for k, (key, label) in enumerate([("ms", "prefill time (ms)"), ("MB", "peak memory (MB)"),
+                                      ("eff", "real tokens / computed slots")]):
+        ax = axes[k]
+        for j, m in enumerate(METHODS):
+            ax.bar([i + (j - 1.5) * width for i in range(len(last))], [r[f"{m}_{key}"] for r in last],
+                   width, label=m, color=f"C{j}")
+        ax.set_xticks(range(len(last)), [r["distribution"] for r in last], fontsize=9,
+                      rotation=25, ha="right", rotation_mode="anchor")
+        ax.tick_params(axis="y", labelsize=9)
+        ax.set_ylabel(label, fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(METHODS),
+               fontsize=9, frameon=False, handlelength=1.2, columnspacing=1.0)
+    fig.suptitle(f"Prefill of {batch} prompts, workbench target, CPU, "
+                 f"{torch.get_num_threads()} thread(s); medians of paired rounds", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def run(batch_sizes=(16, 64), distributions=("uniform", "lognormal", "corpus"), repeats: int = 7,
         seed: int = 0) -> dict:
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: free big buffers back to the OS
     model = load("target")
     tok, corpus = CharTokenizer.from_corpus(), load_corpus()
     ids = torch.tensor(tok.encode(corpus))
     rng = random.Random(seed)
-    fns = {"padded": padded_prefill, "prepacked": prepacked_prefill, "padding-free": padding_free_prefill}
-    rows = []
-    for dist, B in tqdm([(d, b) for d in distributions for b in batch_sizes], desc="packing"):
+    batches = []
+    for dist, B in [(d, b) for d in distributions for b in batch_sizes]:
         lengths = sample_lengths(dist, B, model.config.block_size, rng, corpus)
         starts = [rng.randrange(len(ids) - n) for n in lengths]
-        prompts = [ids[s:s + n] for s, n in zip(starts, lengths)]
-        ref = padded_prefill(model, prompts)
-        real, Lmax = sum(lengths), max(lengths)
-        slots = {"padded": B * Lmax, "prepacked": pack_prompts(prompts).input_ids.numel(), "padding-free": real}
-        row = {"distribution": dist, "batch": B, "mean_len": real / B, "max_len": Lmax}
-        for m in METHODS:
-            fn = fns[m]
-            err = (fn(model, prompts) - ref).abs().max().item()
-            assert err < 1e-3, f"{m} disagrees with the padded batch by {err}"
-            row[f"{m}_ms"] = 1e3 * median_seconds(lambda: fn(model, prompts), repeats)
-            row[f"{m}_MB"] = max(peak_bytes(lambda: fn(model, prompts)) for _ in range(2)) / 2**20
-            row[f"{m}_eff"] = real / slots[m]
-        for m in METHODS[1:]:
-            row[f"{m}_speedup"] = row["padded_ms"] / row[f"{m}_ms"]
-            row[f"{m}_mem_saving"] = row["padded_MB"] / row[f"{m}_MB"]
-        rows.append(row)
-    print_table([{k: v for k, v in r.items() if not k.endswith(("_eff", "_MB"))} for r in rows])
+        batches.append((dist, [ids[s:s + n] for s, n in zip(starts, lengths)]))
+    mallopt_for_memory()  # first, while the heap is empty
+    memory = [memory_batch(model, prompts, {}) for _, prompts in tqdm(batches, desc="packing: memory")]
+    mallopt_for_timing()  # the memory setting would slow every allocation
+    rows = [{"distribution": dist, **time_batch(model, prompts, repeats)}
+            for dist, prompts in tqdm(batches, desc="packing: time")]
+    for row, mem in zip(rows, memory):
+        row.update(mem)
+    print_table([{k: v for k, v in r.items() if k.endswith(("_ms", "speedup", "_vs_prepacked"))
+                  or k in ("distribution", "batch")} for r in rows])
     print_table([{k: v for k, v in r.items() if k in ("distribution", "batch") or k.endswith(("_eff", "_MB"))}
                  for r in rows])
     print(f"prepacking repository: {PREPACKING_REPO['speedup']}x time, {PREPACKING_REPO['memory_saving']}x "
           f"memory ({PREPACKING_REPO['model']} model, {PREPACKING_REPO['dataset']}, batch "
           f"{PREPACKING_REPO['batch_size']}, {PREPACKING_REPO['gpu']})")
-
-    B = max(batch_sizes)
-    last = [r for r in rows if r["batch"] == B]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    width = 0.27
-    for k, (key, label) in enumerate([("ms", "prefill time (ms)"), ("MB", "peak memory (MB)"),
-                                      ("eff", "real tokens / computed slots")]):
-        ax = axes[k]
-        for j, m in enumerate(METHODS):
-            ax.bar([i + (j - 1) * width for i in range(len(last))], [r[f"{m}_{key}"] for r in last],
-                   width, label=m, color=f"C{j}")
-        ax.set_xticks(range(len(last)), [r["distribution"] for r in last])
-        ax.set_ylabel(label)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Prefill of {B} prompts, workbench target, CPU, {torch.get_num_threads()} thread(s)")
-    fig.tight_layout()
-    results = {"rows": rows, "prepacking_repository": PREPACKING_REPO, "seed": seed, "repeats": repeats}
+    fig = packing_bench_figure(rows, max(batch_sizes))
+    results = {"rows": rows, "prepacking_repository": PREPACKING_REPO, "seed": seed, "repeats": repeats,
+               "timing": "rounds of every method once, back to back, with glibc's default allocator; "
+                         "medians over rounds; memory measured first, with M_MMAP_THRESHOLD 64 KiB"}
     write_results("packing", results, fig)
     plt.close(fig)
     return results

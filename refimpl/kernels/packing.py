@@ -29,59 +29,85 @@ from refimpl.packing import _check_varlen
 
 
 @triton.jit
-def _varlen_fwd_kernel(
-    Q, K, V, Out, CuSeqlens,
-    stride_qn, stride_qh, stride_qd,
-    stride_kn, stride_kh, stride_kd,
-    stride_vn, stride_vh, stride_vd,
-    stride_on, stride_oh, stride_od,
-    D, sm_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    h = tl.program_id(2)
-    start = tl.load(CuSeqlens + seq)
-    length = tl.load(CuSeqlens + seq + 1) - start
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows inside the sequence
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    m_ok = offs_m < length  # blocks past a short sequence's end do nothing
+def _varlen_rows(Base, start, rows, h, offs_d, stride_n, stride_h, stride_d):
+    """Pointers [len(rows), BLOCK_D] to rows ``rows`` of the sequence that
+    starts at stream row ``start``, head h."""
+    return (Base + (start + rows[:, None]) * stride_n + h * stride_h
+            + offs_d[None, :] * stride_d)
 
-    q = tl.load(Q + (start + offs_m[:, None]) * stride_qn + h * stride_qh + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    hi = length
-    if CAUSAL:
-        hi = tl.minimum(length, (pid_m + 1) * BLOCK_M)
+@triton.jit
+def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, sm_scale,
+                         IEEE: tl.constexpr):
+    """One block of keys into the running max m_i, sum l_i and fp32 acc
+    (FlashAttention, Dao et al. 2022, Algorithm 1)."""
+    s = tl.where(visible, mma(q, tl.trans(k), IEEE) * sm_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen no key yet (past the end) shifts by 0, not by -inf
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_shift[:, None])
+    alpha = tl.exp(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p, v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _varlen_attend_keys(q, K, V, start, length, hi, offs_m, h, offs_d,
+                        stride_kn, stride_kh, stride_kd,
+                        stride_vn, stride_vh, stride_vd, D, sm_scale,
+                        CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """The sequence's keys 0 .. hi - 1, BLOCK_N at a time, through the online
+    softmax; returns the fp32 (acc, l_i) of the query rows offs_m."""
+    m_i = tl.full([offs_m.shape[0]], float("-inf"), tl.float32)  # row max
+    l_i = tl.zeros([offs_m.shape[0]], tl.float32)                # row sum
+    acc = tl.zeros([offs_m.shape[0], BLOCK_D], tl.float32)       # fp32 acc
+    d_ok = offs_d[None, :] < D
     for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < length
-        kt = tl.load(K + (start + cols[None, :]) * stride_kn + h * stride_kh + offs_d[:, None] * stride_kd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(V + (start + cols[:, None]) * stride_vn + h * stride_vh + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = mma(q, kt, IEEE) * sm_scale
-        visible = n_ok[None, :]
+        cols = start_n + tl.arange(0, BLOCK_N)
+        n_ok = cols[:, None] < length     # key rows past the end read 0
+        k = tl.load(_varlen_rows(K, start, cols, h, offs_d, stride_kn,
+                                 stride_kh, stride_kd),
+                    mask=n_ok & d_ok, other=0.0)
+        v = tl.load(_varlen_rows(V, start, cols, h, offs_d, stride_vn,
+                                 stride_vh, stride_vd),
+                    mask=n_ok & d_ok, other=0.0)
+        visible = cols[None, :] < length
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past the end see nothing
-        p = tl.exp(s - m_shift[:, None])
-        alpha = tl.exp(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p, v, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc,
+                                             sm_scale, IEEE)
+    return acc, l_i
 
+
+@triton.jit
+def _varlen_fwd_kernel(
+    Q, K, V, Out, CuSeqlens,        # [N, H, D] streams; int32 (n + 1,) offsets
+    stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd,
+    stride_vn, stride_vh, stride_vd, stride_on, stride_oh, stride_od,
+    D, sm_scale,                    # head size; softmax scale 1 / sqrt(D)
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m, seq, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(CuSeqlens + seq)           # the sequence's first row
+    length = tl.load(CuSeqlens + seq + 1) - start
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows in the sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < length) & (offs_d[None, :] < D)  # past the end: 0
+    q = tl.load(_varlen_rows(Q, start, offs_m, h, offs_d, stride_qn,
+                             stride_qh, stride_qd), mask=ok, other=0.0)
+    hi = length
+    if CAUSAL:  # keys after this block's last row are never visible
+        hi = tl.minimum(length, (pid_m + 1) * BLOCK_M)
+    acc, l_i = _varlen_attend_keys(
+        q, K, V, start, length, hi, offs_m, h, offs_d,
+        stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+        D, sm_scale, CAUSAL, BLOCK_N, BLOCK_D, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(Out + (start + offs_m[:, None]) * stride_on + h * stride_oh + offs_d[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(_varlen_rows(Out, start, offs_m, h, offs_d, stride_on, stride_oh,
+                          stride_od), out.to(Out.dtype.element_ty), mask=ok)
 
 
 def varlen_flash_attention(q, k, v, cu_seqlens, causal=True, sm_scale=None):
