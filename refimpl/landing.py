@@ -166,8 +166,10 @@ def measure_lookup(d):
     """Ch. 5: prompt lookup (input-guided drafting) on the copy task, with the editor and the target."""
     r, plain = (speculative_row(d, f"prompt lookup, {m}", "greedy, copy task") for m in ("editor", "target"))
     same = "identical" if r["same_output"] is True else "NOT identical"
-    return (f"{r['speedup']:.2f}x with the editor (the target fine-tuned to correct spelling, gamma "
-            f"{r['gamma']}), {plain['speedup']:.2f}x with the plain target; greedy, batch 1, CPU; output {same}",
+    return (f"{r['speedup']:.2f}x on a copy task with the editor (the target fine-tuned to copy a "
+            f"passage, gamma {r['gamma']}), {plain['speedup']:.2f}x with the plain target; greedy, "
+            f"batch 1, CPU; output {same}; a speed result, not grammar correction: the editor's "
+            f"answers are farther from the truth than its inputs",
             verdict(r["speedup"] >= 3 and r["same_output"] is True))
 
 
@@ -223,7 +225,7 @@ CLAIMS = [
     ("Ch. 5, speculative decoding: 2x-3x (Leviathan et al. 2022, T5-XXL), 2x-2.5x (Chen et al. 2023, "
      "Chinchilla 70B), up to 2.12x (BiLD, Kim et al. 2023)", [S], "≥ 2.0x", measure_greedy, as_paper),
     ("Ch. 5, Aggressive Decoding (Ge et al. 2022): 7x-9x by drafting from the input on editing tasks",
-     [S], "≥ 3x", measure_lookup, ordering),
+     [S], "≥ 3x on the copy task", measure_lookup, lambda met, d: "not reproduced"),
     ("Ch. 5, Leviathan et al. eq. 1: tokens per target call = (1 - a^(gamma+1)) / (1 - a)",
      [S], "within 10% for every gamma", measure_theory, as_paper),
 ]

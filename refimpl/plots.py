@@ -626,3 +626,91 @@ def packing_rows_figure(segment_ids, title, path=None):
         return fig
     fig.savefig(path, dpi=PACKING_DPI)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 5, speculative decoding (notebooks/05_speculative_decoding.ipynb)
+# --------------------------------------------------------------------------------------------
+# 7 in wide at 100 dpi: the page shows them at about 700 px, so 9 pt text stays 9 pt.
+
+SPECULATIVE_DPI = 100
+
+
+def speculative_idea_figure(path):
+    """Three rounds with gamma = 4: drafts (boxes), verdicts, what each round emits."""
+    rounds = [("h", "e", "r", "e"), ("a", "t", "h", "y"), ("s", "o", "u", "l")]
+    accepted, target_tok = [2, 4, 0], ["o", "!", "w"]
+    fig, ax = plt.subplots(figsize=(7, 2.3), dpi=SPECULATIVE_DPI)
+    ax.axis("off")
+    ax.set_xlim(0, 20)
+    ax.set_ylim(0, 3)
+    x0 = 0.2
+    for r, (drafts, acc, t) in enumerate(zip(rounds, accepted, target_tok)):
+        for i, ch in enumerate(drafts):
+            face = "#c7e9c0" if i < acc else ("#fcbba1" if i == acc else "#eeeeee")
+            ax.add_patch(Rectangle((x0 + i * 1.1, 1.6), 1.0, 0.8, fc=face, ec="gray"))
+            ax.text(x0 + i * 1.1 + 0.5, 2.0, ch, ha="center", va="center", family="monospace",
+                    fontsize=10, color="gray" if i > acc else "black")
+        ax.add_patch(Rectangle((x0 + 4.4, 1.6), 1.0, 0.8, ec="k",
+                               fc="#9ecae1" if acc == 4 else "#fb6a4a"))
+        ax.text(x0 + 4.9, 2.0, t, ha="center", va="center", family="monospace", weight="bold",
+                fontsize=10)
+        ax.text(x0 + 2.7, 1.15, f"round {r + 1}: 1 target call\n-> {acc + 1} token(s)",
+                ha="center", va="top", fontsize=9)
+        ax.text(x0 + 2.7, 2.65, "drafts x1..x4 | target", ha="center", fontsize=9, color="gray")
+        x0 += 6.7
+    ax.text(10, 0.05, "green: accepted   light red: first rejected (later ones discarded)\n"
+            "red: target's correction   blue: bonus token", ha="center", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=SPECULATIVE_DPI)
+    plt.close(fig)
+
+
+def speculative_theory_figure(alphas, c, tokens_fn, speedup_fn, path, gammas=range(0, 11)):
+    """Expected tokens per target call and wall-clock gain against gamma, one line per alpha."""
+    fig, ax = plt.subplots(1, 2, figsize=(7, 3), dpi=SPECULATIVE_DPI, layout="constrained")
+    for a in alphas:
+        ax[0].plot(gammas, [tokens_fn(a, g) for g in gammas], "o-", ms=3, label=f"alpha={a}")
+        ax[1].plot(gammas, [speedup_fn(a, g, c) for g in gammas], "o-", ms=3)
+    ax[0].set(xlabel="gamma", ylabel="tokens per target call")
+    ax[0].set_title("(1 - a^(g+1)) / (1 - a)", fontsize=10)
+    ax[1].set(xlabel="gamma", ylabel="wall-clock gain")
+    ax[1].set_title(f"gain / (g c + 1), c = {c:.3f}", fontsize=10)
+    fig.legend(*ax[0].get_legend_handles_labels(), loc="outside right center", fontsize=9)
+    fig.savefig(path, dpi=SPECULATIVE_DPI)
+    plt.close(fig)
+
+
+def speculative_gamma_figure(rows, alpha, path):
+    """Measured tokens per target call against the theory; rows (gamma, measured, theory)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=SPECULATIVE_DPI)
+    ax.plot([r[0] for r in rows], [r[1] for r in rows], "o-", label="measured")
+    ax.plot([r[0] for r in rows], [r[2] for r in rows], "s--", label=f"theory, alpha={alpha:.2f}")
+    ax.set(xlabel="gamma", ylabel="tokens per target call")
+    ax.set_title("Greedy, workbench draft -> target (held-out prompts)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=SPECULATIVE_DPI)
+    plt.close(fig)
+
+
+def speculative_origins_figure(prompt_text, text, kinds, tokens_per_call, acceptance, path):
+    """Generated text coloured by origin: 'a' accepted draft, 'r' correction, 'b' bonus."""
+    colour = {"a": "#2ca02c", "r": "#d62728", "b": "#1f77b4"}
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=SPECULATIVE_DPI)
+    ax.axis("off")
+    x, y = 0.0, 1.0
+    for ch, k in [(c, "p") for c in prompt_text] + list(zip(text, kinds)):
+        if ch == "\n":
+            x, y = 0.0, y - 0.085
+            continue
+        ax.text(x, y, ch, color=colour.get(k, "black"), family="monospace", fontsize=9, va="top",
+                weight="bold" if k != "p" else "normal")
+        x += 0.0113
+        if x > 0.98:
+            x, y = 0.0, y - 0.085
+    ax.set_title(f"tokens per target call {tokens_per_call:.2f}, acceptance {acceptance:.2f}\n"
+                 "(green accepted, red correction, blue bonus)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=SPECULATIVE_DPI)
+    plt.close(fig)

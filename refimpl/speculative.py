@@ -178,7 +178,8 @@ def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- one verification step
 
-def speculative_accept(draft_tokens: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
+def speculative_accept(draft_tokens: torch.Tensor, q: torch.Tensor,
+                       p: torch.Tensor,
                        generator: torch.Generator | None = None):
     """Modified rejection sampling (Leviathan et al., Algorithm 1; Chen et al., Algorithm 2).
 
@@ -196,9 +197,11 @@ def speculative_accept(draft_tokens: torch.Tensor, q: torch.Tensor, p: torch.Ten
     num_accepted = accepted.cumprod(dim=1).sum(dim=1)
     rows = torch.arange(B, device=p.device)
     p_n = p[rows, num_accepted]
-    q_n = F.pad(q, (0, 0, 0, 1))[rows, num_accepted]  # q = 0 after the last draft: residual = p
+    # q = 0 after the last draft: there the residual is p itself
+    q_n = F.pad(q, (0, 0, 0, 1))[rows, num_accepted]
     residual = (p_n - q_n).clamp_min(0)
-    # p = q makes the residual empty, but then the rejection had probability 0; fall back to p.
+    # p = q makes the residual empty, but then the rejection had probability
+    # 0; fall back to p.
     empty = residual.sum(-1, keepdim=True) <= 0
     residual = torch.where(empty, p_n, residual)
     next_token = torch.multinomial(residual, 1, generator=generator).squeeze(1)
@@ -213,13 +216,16 @@ def greedy_accept(draft_tokens: torch.Tensor, logits: torch.Tensor):
     check_greedy_args(draft_tokens, logits)
     target_tokens = logits.argmax(dim=-1)  # [B, g+1]
     g = draft_tokens.shape[1]
-    num_accepted = (draft_tokens == target_tokens[:, :g]).cumprod(dim=1).sum(dim=1)
-    return num_accepted, target_tokens.gather(1, num_accepted[:, None]).squeeze(1)
+    agree = draft_tokens == target_tokens[:, :g]
+    num_accepted = agree.cumprod(dim=1).sum(dim=1)
+    nxt = target_tokens.gather(1, num_accepted[:, None]).squeeze(1)
+    return num_accepted, nxt
 
 
 # ---------------------------------------------------------------- batched layout
 
-def batch_inputs(pad: torch.Tensor | None, past: int, T: int, dtype=torch.float32):
+def batch_inputs(pad: torch.Tensor | None, past: int, T: int,
+                 dtype=torch.float32):
     """position_ids [B, T] and additive mask [B, 1, T, past+T] for right-aligned rows.
 
     Row b's real tokens start at slot pad[b]; query t sits at slot past + t. ``pad=None``
@@ -230,12 +236,13 @@ def batch_inputs(pad: torch.Tensor | None, past: int, T: int, dtype=torch.float3
         return None, None
     slots = torch.arange(past + T, device=pad.device)
     query = past + torch.arange(T, device=pad.device)
-    allowed = (slots[None, None, :] >= pad[:, None, None]) & (slots[None, None, :] <= query[None, :, None])
+    allowed = ((slots[None, None, :] >= pad[:, None, None])
+               & (slots[None, None, :] <= query[None, :, None]))
     return query[None, :] - pad[:, None], additive_mask(allowed[:, None], dtype)
 
 
-def realign(t: torch.Tensor, dim: int, batch_dim: int, rows: torch.Tensor, shift: torch.Tensor,
-            length: int) -> torch.Tensor:
+def realign(t: torch.Tensor, dim: int, batch_dim: int, rows: torch.Tensor,
+            shift: torch.Tensor, length: int) -> torch.Tensor:
     """Rows ``rows`` of ``t``, row b moved right by shift[b] slots along ``dim``; ``length`` slots.
 
     new[b, j] = old[rows[b], j - shift[b]] (shift may be negative); slots read from before 0
@@ -243,7 +250,8 @@ def realign(t: torch.Tensor, dim: int, batch_dim: int, rows: torch.Tensor, shift
     """
     check_realign_args(t, dim, batch_dim, rows, shift, length)
     t = t.index_select(batch_dim, rows)
-    src = (torch.arange(length, device=t.device)[None, :] - shift[:, None]).clamp(0, t.shape[dim] - 1)
+    src = torch.arange(length, device=t.device)[None, :] - shift[:, None]
+    src = src.clamp(0, t.shape[dim] - 1)
     view = [1] * t.ndim
     view[batch_dim], view[dim] = len(rows), length
     size = list(t.shape)
@@ -267,12 +275,13 @@ def rollback_cache(cache, end, rows=None, shift=None) -> int:
         if cache.k is not None:
             for name in ("k", "v"):
                 old = getattr(cache, name)
-                new = old.new_zeros(old.shape[:1] + (len(rows),) + old.shape[2:])
+                shape = old.shape[:1] + (len(rows),) + old.shape[2:]
+                new = old.new_zeros(shape)
                 new[:, :, :, :length] = realign(old, 3, 1, rows, shift, length)
                 setattr(cache, name, new)
         cache.shape = (cache.shape[0], len(rows)) + cache.shape[2:]
         cache.length = length
-    else:  # refimpl.hf.HFCache: one DynamicLayer per layer, keys/values [B, H, S, D]
+    else:  # refimpl.hf.HFCache: a DynamicLayer per layer, keys [B, H, S, D]
         for layer in cache._layers():
             layer.keys = realign(layer.keys, 2, 0, rows, shift, length)
             layer.values = realign(layer.values, 2, 0, rows, shift, length)
@@ -283,7 +292,8 @@ def rollback_cache(cache, end, rows=None, shift=None) -> int:
 def model_dtype(model) -> torch.dtype:
     """The floating dtype of a model's weights: an additive mask must match it (torch's CPU SDPA
     silently mis-adds a float32 mask to float64 scores beyond 16 keys)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    floating = (p.dtype for p in model.parameters() if p.is_floating_point())
+    return next(floating, torch.float32)
 
 
 def _distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -315,33 +325,6 @@ class Drafter:
         pass
 
 
-def tinygpt_last_logits(model: TinyGPT, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """``model(input_ids, cache=cache)[:, -1]`` for a TinyGPT, without nn.Module dispatch.
-
-    The draft model is tiny, so most of its cost per call is Python overhead of ~30 module
-    calls; this is the same arithmetic as ``TinyGPT.forward`` (sdpa, eval mode) in plain
-    functional calls, and the head runs on the last position only.
-    """
-    B, T = input_ids.shape
-    past, C, H = len(cache), model.config.n_embd, model.config.n_head
-    if past + T > model.config.block_size:
-        raise ValueError(f"{past} cached + {T} new tokens exceed block_size={model.config.block_size}")
-    x = F.embedding(input_ids, model.tok_emb.weight) + model.pos_emb.weight[past:past + T]
-    mask = None if T == 1 else causal_mask(T, past + T, x.device, x.dtype)
-    for layer, block in enumerate(model.blocks):
-        h = F.layer_norm(x, (C,), block.ln1.weight, block.ln1.bias, block.ln1.eps)
-        q, k, v = F.linear(h, block.attn.qkv.weight, block.attn.qkv.bias).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
-        k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, C)
-        x = x + F.linear(y, block.attn.proj.weight, block.attn.proj.bias)
-        h = F.layer_norm(x, (C,), block.ln2.weight, block.ln2.bias, block.ln2.eps)
-        fc, proj = block.mlp[0], block.mlp[2]
-        x = x + F.linear(F.gelu(F.linear(h, fc.weight, fc.bias)), proj.weight, proj.bias)
-    cache.advance(T)
-    x = F.layer_norm(x[:, -1], (C,), model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
-    return F.linear(x, model.lm_head.weight)
-
-
 def check_draft_model(model, stop_below):
     """ValueError unless model is a callable language model with a config (vocab_size, block_size)
     and stop_below is None or in [0, 1]."""
@@ -365,43 +348,46 @@ class DraftModel(Drafter):
     def __init__(self, model, stop_below: float | None = None):
         check_draft_model(model, stop_below)
         self.model, self.stop_below = model, stop_below
-        self.vocab_size, self.block_size = model.config.vocab_size, model.config.block_size
+        self.vocab_size = model.config.vocab_size
+        self.block_size = model.config.block_size
         self.cache, self.dtype = None, model_dtype(model)
-        # batch 1 with a TinyGPT in eval mode: the dispatch-free forward (same arithmetic)
-        self.fast = (isinstance(model, TinyGPT) and model.attn_backend == "sdpa" and not model.training
-                     and model.config.dropout == 0)
 
     def begin(self, seq, length):
         self.cache = self.model.empty_cache(seq.shape[0])
 
     def propose(self, seq, length, pad, g, greedy, temperature, generator):
-        step = seq[:, len(self.cache):length]  # what the draft has not seen: 1 or 2 tokens, or the prompt
+        # what the draft has not seen: 1 or 2 tokens, or the prompt
+        step = seq[:, len(self.cache):length]
         tokens, qs = [], []
         for i in range(g):
-            if pad is None and self.fast:
-                logits = tinygpt_last_logits(self.model, step, self.cache)
-            else:
-                position_ids, mask = batch_inputs(pad, len(self.cache), step.shape[1], self.dtype)
-                logits = self.model(step, position_ids, mask, self.cache)[:, -1]
-            q = None if greedy and self.stop_below is None else _distribution(logits, 1.0 if greedy else temperature)
-            if i and self.stop_below is not None and bool((q.amax(-1) < self.stop_below).all()):
+            position_ids, mask = batch_inputs(pad, len(self.cache),
+                                              step.shape[1], self.dtype)
+            logits = self.model(step, position_ids, mask, self.cache,
+                                last_only=True)[:, -1]
+            q = None if greedy and self.stop_below is None else \
+                _distribution(logits, 1.0 if greedy else temperature)
+            if i and self.stop_below is not None \
+                    and bool((q.amax(-1) < self.stop_below).all()):
                 break
-            step = logits.argmax(-1, keepdim=True) if greedy else torch.multinomial(q, 1, generator=generator)
+            step = logits.argmax(-1, keepdim=True) if greedy else \
+                torch.multinomial(q, 1, generator=generator)
             tokens.append(step)
             qs.append(q)
-        return torch.cat(tokens, dim=1), (None if greedy else torch.stack(qs, dim=1))
+        qs = None if greedy else torch.stack(qs, dim=1)
+        return torch.cat(tokens, dim=1), qs
 
     def rollback(self, end, rows, shift, num_accepted, drafted):
         rollback_cache(self.cache, end, rows, shift)
 
 
-def lookup_continuation(context: torch.Tensor, g: int, max_ngram: int, min_ngram: int) -> torch.Tensor:
+def lookup_continuation(context: torch.Tensor, g: int, max_ngram: int,
+                        min_ngram: int) -> torch.Tensor:
     """Up to ``g`` tokens that followed the latest earlier occurrence of the context's longest
     suffix n-gram (max_ngram >= n >= min_ngram); empty if none occurs (Ge et al., 2022, sec. 3)."""
     check_lookup_args(context, g, max_ngram, min_ngram)
     N = len(context)
     for n in range(min(max_ngram, N - 1), min_ngram - 1, -1):
-        windows = context[:N - 1].unfold(0, n, 1)  # windows that end before the last token
+        windows = context[:N - 1].unfold(0, n, 1)  # ending before the last
         hits = (windows == context[N - n:]).all(dim=1).nonzero()
         if len(hits):
             start = int(hits[-1]) + n
@@ -424,8 +410,11 @@ class PromptLookup(Drafter):
 
     def propose(self, seq, length, pad, g, greedy, temperature, generator):
         if pad is None:
-            return lookup_continuation(seq[0, :length], g, self.max_ngram, self.min_ngram)[None], None
-        found = [lookup_continuation(seq[b, int(pad[b]):length], g, self.max_ngram, self.min_ngram)
+            found = lookup_continuation(seq[0, :length], g, self.max_ngram,
+                                        self.min_ngram)
+            return found[None], None
+        found = [lookup_continuation(seq[b, int(pad[b]):length], g,
+                                     self.max_ngram, self.min_ngram)
                  for b in range(seq.shape[0])]
         width = max(len(f) for f in found)
         out = seq.new_zeros(seq.shape[0], width)
@@ -457,6 +446,27 @@ def check_table(probs, vocab_size, order):
         raise ValueError(f"probs must be a float tensor of shape {want}, got {shape_or_type(probs)}")
 
 
+def ngram_probs(ids: torch.Tensor, vocab_size: int, order: int = 3,
+                smoothing: float = 0.01) -> torch.Tensor:
+    """Next-token probabilities [V^(order-1), V] after each (order-1)-token
+    context of ``ids`` [N], counted with ``smoothing`` added to every count;
+    unseen contexts back off to the shorter context's row."""
+    check_ngram_args(ids, vocab_size, order, smoothing)
+    ids, V = ids.long(), vocab_size
+    probs = torch.full((1, V), 1.0 / V, device=ids.device)
+    for k in range(1, order):  # context length k; back off to k - 1 if unseen
+        index = sum(ids[i:len(ids) - k + i] * V ** (k - i) for i in range(k))
+        index = index + ids[k:]
+        counts = torch.bincount(index, minlength=V ** (k + 1))
+        counts = counts.view(-1, V).float()
+        seen = counts.sum(-1, keepdim=True)
+        # row c -> row c mod V^(k-1): drop the oldest token
+        backoff = probs.repeat(V, 1)
+        smoothed = (counts + smoothing * backoff) / (seen + smoothing)
+        probs = torch.where(seen > 0, smoothed, backoff)
+    return probs
+
+
 class NGramTable(Drafter):
     """An n-gram table from a corpus drafts: after the last order-1 tokens, the likeliest next one.
 
@@ -469,22 +479,16 @@ class NGramTable(Drafter):
         check_table(probs, vocab_size, order)
         self.probs, self.vocab_size, self.order = probs, vocab_size, order
         self.best = probs.argmax(dim=-1)
-        self.weights = vocab_size ** torch.arange(order - 2, -1, -1, device=probs.device)  # context -> row
+        # context -> row: the tokens as digits base V
+        powers = torch.arange(order - 2, -1, -1, device=probs.device)
+        self.weights = vocab_size ** powers
 
     @classmethod
-    def from_tokens(cls, ids: torch.Tensor, vocab_size: int, order: int = 3, smoothing: float = 0.01):
-        """Count (order-1)-token contexts in ``ids`` [N]; add ``smoothing`` to every count."""
-        check_ngram_args(ids, vocab_size, order, smoothing)
-        ids = ids.long()
-        probs = torch.full((1, vocab_size), 1.0 / vocab_size, device=ids.device)
-        for k in range(1, order):  # context length k; back off to k - 1 where unseen
-            index = sum(ids[i:len(ids) - k + i] * vocab_size ** (k - i) for i in range(k)) + ids[k:]
-            counts = torch.bincount(index, minlength=vocab_size ** (k + 1)).view(-1, vocab_size).float()
-            seen = counts.sum(-1, keepdim=True)
-            backoff = probs.repeat(vocab_size, 1)  # row c -> row c mod V^(k-1): drop the oldest token
-            smoothed = (counts + smoothing * backoff) / (seen + smoothing)
-            probs = torch.where(seen > 0, smoothed, backoff)
-        return cls(probs, vocab_size, order)
+    def from_tokens(cls, ids: torch.Tensor, vocab_size: int, order: int = 3,
+                    smoothing: float = 0.01):
+        """The table of ``ngram_probs`` over ``ids`` [N]."""
+        return cls(ngram_probs(ids, vocab_size, order, smoothing), vocab_size,
+                   order)
 
     def propose(self, seq, length, pad, g, greedy, temperature, generator):
         check_int("length", length, self.order - 1, seq.shape[1])
@@ -500,7 +504,8 @@ class NGramTable(Drafter):
                 qs.append(q)
             tokens.append(nxt)
             context = torch.cat([context[:, 1:], nxt], dim=1)
-        return torch.cat(tokens, dim=1), (torch.stack(qs, dim=1) if qs else None)
+        qs = torch.stack(qs, dim=1) if qs else None
+        return torch.cat(tokens, dim=1), qs
 
 
 class AdaptiveGamma(Drafter):
@@ -508,12 +513,14 @@ class AdaptiveGamma(Drafter):
     accepted, -shrink otherwise (the schedule of HF's "heuristic" assistant; ADED and BiLD adapt
     the draft length too). ``speculative_generate``'s ``gamma`` stays the ceiling."""
 
-    def __init__(self, drafter: Drafter, start: int = 4, min_gamma: int = 1, max_gamma: int = 16,
-                 grow: int = 2, shrink: int = 1):
+    def __init__(self, drafter: Drafter, start: int = 4, min_gamma: int = 1,
+                 max_gamma: int = 16, grow: int = 2, shrink: int = 1):
         check_adaptive_args(drafter, start, min_gamma, max_gamma, grow, shrink)
         self.drafter, self.gamma = drafter, start
-        self.min_gamma, self.max_gamma, self.grow, self.shrink = min_gamma, max_gamma, grow, shrink
-        self.vocab_size, self.block_size = drafter.vocab_size, drafter.block_size
+        self.min_gamma, self.max_gamma = min_gamma, max_gamma
+        self.grow, self.shrink = grow, shrink
+        self.vocab_size = drafter.vocab_size
+        self.block_size = drafter.block_size
         self.history = []
 
     def begin(self, seq, length):
@@ -521,12 +528,13 @@ class AdaptiveGamma(Drafter):
 
     def propose(self, seq, length, pad, g, greedy, temperature, generator):
         self.history.append(self.gamma)
-        return self.drafter.propose(seq, length, pad, min(g, self.gamma), greedy, temperature, generator)
+        return self.drafter.propose(seq, length, pad, min(g, self.gamma),
+                                    greedy, temperature, generator)
 
     def rollback(self, end, rows, shift, num_accepted, drafted):
         self.drafter.rollback(end, rows, shift, num_accepted, drafted)
-        all_accepted = bool((num_accepted == drafted).all()) if torch.is_tensor(num_accepted) \
-            else num_accepted == drafted
+        all_accepted = bool((num_accepted == drafted).all()) \
+            if torch.is_tensor(num_accepted) else num_accepted == drafted
         step = self.grow if all_accepted else -self.shrink
         self.gamma = max(self.min_gamma, min(self.max_gamma, self.gamma + step))
 
@@ -570,12 +578,13 @@ def _check_generate_args(model, input_ids, max_new_tokens, temperature, greedy):
 def _next_token(logits, greedy, temperature, generator):
     if greedy:
         return logits.argmax(dim=-1)
-    return torch.multinomial(_distribution(logits, temperature), 1, generator=generator).squeeze(1)
+    probs = _distribution(logits, temperature)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 @torch.no_grad()
-def autoregressive_generate(model, input_ids, *, max_new_tokens, temperature=1.0, greedy=False,
-                            generator=None):
+def autoregressive_generate(model, input_ids, *, max_new_tokens,
+                            temperature=1.0, greedy=False, generator=None):
     """The baseline: one target call per token, with a KV cache. Returns [B, T + max_new_tokens]."""
     _check_generate_args(model, input_ids, max_new_tokens, temperature, greedy)
     B, T = input_ids.shape
@@ -584,14 +593,112 @@ def autoregressive_generate(model, input_ids, *, max_new_tokens, temperature=1.0
     cache = model.empty_cache(B)
     step = input_ids
     for i in range(T, T + max_new_tokens):
-        seq[:, i] = _next_token(model(step, cache=cache)[:, -1], greedy, temperature, generator)
+        logits = model(step, cache=cache)[:, -1]
+        seq[:, i] = _next_token(logits, greedy, temperature, generator)
         step = seq[:, i:i + 1]
     return seq
 
 
+def check_generate_setup(target, drafter, input_ids, max_new_tokens, gamma,
+                         temperature, greedy):
+    """ValueError unless the prompt, lengths, gamma and the drafter fit the target."""
+    _check_generate_args(target, input_ids, max_new_tokens, temperature, greedy)
+    check_int("gamma", gamma, 1)
+    V = target.config.vocab_size
+    if drafter.vocab_size is not None and drafter.vocab_size != V:
+        raise ValueError(f"drafter's vocab_size ({drafter.vocab_size}) must "
+                         f"equal the target's ({V})")
+    total = input_ids.shape[1] + max_new_tokens
+    if drafter.block_size is not None and total > drafter.block_size:
+        raise ValueError(f"prompt + max_new_tokens ({total}) exceeds the "
+                         f"drafter's block_size ({drafter.block_size})")
+
+
+def start_decoding(target, drafter, input_ids, max_new_tokens, gamma):
+    """The token buffer (room for one round past the end), the target's KV
+    cache filled with every prompt token but the last, the pads (None at
+    batch 1) and each row's original index."""
+    B, T = input_ids.shape
+    seq = input_ids.new_zeros(B, T + max_new_tokens + gamma + 1)
+    seq[:, :T] = input_ids
+    cache = target.empty_cache(B)
+    if T > 1:
+        target(seq[:, :T - 1], cache=cache)
+    drafter.begin(seq, T)
+    # row b's first real slot (None at batch 1: no padding)
+    pad = torch.zeros(B, dtype=torch.long, device=seq.device) if B > 1 else None
+    return seq, cache, pad, torch.arange(B, device=seq.device)
+
+
+def verify_drafts(target, seq, L, pad, draft, q, cache, greedy, temperature,
+                  generator):
+    """One target forward over the last token and the g drafts, then the
+    acceptance rule; returns (num_accepted [B], next_token [B])."""
+    g, dtype = draft.shape[1], model_dtype(target)
+    if pad is None:  # one causal mask for the whole forward, not one per layer
+        position_ids = None
+        mask = None if not g else \
+            causal_mask(g + 1, L + g, seq.device, dtype)[None, None]
+    else:
+        position_ids, mask = batch_inputs(pad, L - 1, g + 1, dtype)
+    logits = target(torch.cat([seq[:, L - 1:L], draft], dim=1), position_ids,
+                    mask, cache)
+    seq[:, L:L + g] = draft  # into the buffer: the kept prefix stays there
+    if greedy:
+        return greedy_accept(draft, logits)
+    p = _distribution(logits, temperature)
+    q = F.one_hot(draft, p.shape[-1]) if q is None else q
+    q = q.to(p.dtype)
+    return speculative_accept(draft, q, p, generator)
+
+
+def accept_one(seq, L, n, nxt, cache, drafter, g, stats):
+    """Batch 1: keep n drafts and the new token, crop both KV caches to the
+    accepted prefix; returns the new length."""
+    n = int(n)
+    seq[0, L + n] = nxt[0]
+    stats.drafted.append(g)
+    stats.accepted.append(n)
+    stats.rows.append(1)
+    rollback_cache(cache, L + n)
+    drafter.rollback(L + n, None, None, n, g)
+    return L + n + 1
+
+
+def finish_rows(seq, L, pad, origin, n, nxt, out, total, g, stats):
+    """Batch > 1: write each row's new token, copy finished rows to ``out``;
+    returns the indices of the rows still decoding."""
+    rows = seq.shape[0]
+    seq[torch.arange(rows, device=seq.device), L + n] = nxt
+    stats.drafted.append(g * rows)
+    stats.accepted.append(int(n.sum()))
+    stats.rows.append(rows)
+    done = L + n + 1 - pad >= total
+    for b in done.nonzero().flatten().tolist():
+        out[origin[b]] = seq[b, pad[b]:pad[b] + total]
+    return (~done).nonzero().flatten()
+
+
+def realign_rows(seq, L, pad, origin, n, active, cache, drafter, g):
+    """Batch > 1: shift the rows that accepted fewer tokens right so all end
+    at one length, trim all-pad columns, roll both caches back the same way;
+    returns (seq, L, pad, origin) of the active rows."""
+    m = int(n[active].max())
+    shift = m - n[active]
+    trim = int((pad[active] + shift).min())  # slots that are pads in every row
+    shift -= trim
+    end = L + n
+    L = L + m + 1 - trim
+    seq = torch.cat([realign(seq, 1, 0, active, shift, L),
+                     seq.new_zeros(len(active), seq.shape[1] - L)], dim=1)
+    rollback_cache(cache, end, active, shift)
+    drafter.rollback(end, active, shift, n, g)
+    return seq, L, pad[active] + shift, origin[active]
+
+
 @torch.no_grad()
-def speculative_generate(target, drafter, input_ids, *, max_new_tokens, gamma=4, temperature=1.0,
-                         greedy=False, generator=None):
+def speculative_generate(target, drafter, input_ids, *, max_new_tokens, gamma=4,
+                         temperature=1.0, greedy=False, generator=None):
     """Speculative decoding (Leviathan et al., Algorithm 1), batched; returns (sequences, stats).
 
     ``drafter``: a ``Drafter`` or a model (wrapped in ``DraftModel``). Each round drafts up to
@@ -601,73 +708,29 @@ def speculative_generate(target, drafter, input_ids, *, max_new_tokens, gamma=4,
     """
     if not isinstance(drafter, Drafter):
         drafter = DraftModel(drafter)
-    _check_generate_args(target, input_ids, max_new_tokens, temperature, greedy)
-    check_int("gamma", gamma, 1)
-    V = target.config.vocab_size
-    if drafter.vocab_size is not None and drafter.vocab_size != V:
-        raise ValueError(f"drafter's vocab_size ({drafter.vocab_size}) must equal the target's ({V})")
-    B, T = input_ids.shape
-    total = T + max_new_tokens
-    if drafter.block_size is not None and total > drafter.block_size:
-        raise ValueError(f"prompt + max_new_tokens ({total}) exceeds the drafter's block_size "
-                         f"({drafter.block_size})")
-    seq = input_ids.new_zeros(B, total + gamma + 1)  # token buffer; row b owns slots pad[b] .. L-1
-    seq[:, :T] = input_ids
-    out = input_ids.new_empty(B, total)
-    origin = torch.arange(B, device=seq.device)  # original row of each active row
-    pad = None if B == 1 else torch.zeros(B, dtype=torch.long, device=seq.device)
-    cache, stats, L, dtype = target.empty_cache(B), SpecStats(), T, model_dtype(target)
-    if T > 1:  # the target's cache holds every token but the last
-        target(seq[:, :T - 1], cache=cache)
-    drafter.begin(seq, L)
+    check_generate_setup(target, drafter, input_ids, max_new_tokens, gamma,
+                         temperature, greedy)
+    L, total = input_ids.shape[1], input_ids.shape[1] + max_new_tokens
+    seq, cache, pad, origin = start_decoding(target, drafter, input_ids,
+                                             max_new_tokens, gamma)
+    out, stats = input_ids.new_empty(input_ids.shape[0], total), SpecStats()
     while True:
-        longest_wanted = total - L + (0 if pad is None else int(pad.max()))  # tokens the slowest row needs
-        g = min(gamma, longest_wanted - 1, target.config.block_size - L)
-        draft, q = drafter.propose(seq, L, pad, g, greedy, temperature, generator) if g > 0 else (seq[:, :0], None)
+        # as many drafts as the slowest row still needs, within the block
+        wanted = total - L + (0 if pad is None else int(pad.max()))
+        g = min(gamma, wanted - 1, target.config.block_size - L)
+        draft, q = (drafter.propose(seq, L, pad, g, greedy, temperature,
+                                    generator) if g > 0 else (seq[:, :0], None))
+        n, nxt = verify_drafts(target, seq, L, pad, draft, q, cache, greedy,
+                               temperature, generator)
         g = draft.shape[1]
-        if pad is None:  # one causal mask for the whole forward, not one per layer
-            position_ids, mask = None, causal_mask(g + 1, L + g, seq.device, dtype)[None, None] if g else None
-        else:
-            position_ids, mask = batch_inputs(pad, L - 1, g + 1, dtype)
-        logits = target(torch.cat([seq[:, L - 1:L], draft], dim=1), position_ids, mask, cache)
-        if greedy:
-            n, nxt = greedy_accept(draft, logits)
-        else:
-            p = _distribution(logits, temperature)
-            q = F.one_hot(draft, V).to(p.dtype) if q is None else q.to(p.dtype)
-            n, nxt = speculative_accept(draft, q, p, generator)
-        seq[:, L:L + g] = draft
-        rows = seq.shape[0]
-        stats.drafted.append(g * rows)
         if pad is None:  # batch 1: no realignment, plain crop
-            n = int(n)
-            seq[0, L + n] = nxt[0]
-            stats.accepted.append(n)
-            stats.rows.append(1)
-            rollback_cache(cache, L + n)
-            drafter.rollback(L + n, None, None, n, g)
-            L += n + 1
+            L = accept_one(seq, L, n, nxt, cache, drafter, g, stats)
             if L >= total:
                 out[:] = seq[:, :total]
                 return out, stats
             continue
-        seq[torch.arange(rows, device=seq.device), L + n] = nxt
-        stats.accepted.append(int(n.sum()))
-        stats.rows.append(rows)
-        done = L + n + 1 - pad >= total
-        for b in done.nonzero().flatten().tolist():
-            out[origin[b]] = seq[b, pad[b]:pad[b] + total]
-        active = (~done).nonzero().flatten()
+        active = finish_rows(seq, L, pad, origin, n, nxt, out, total, g, stats)
         if not len(active):
             return out, stats
-        m = int(n[active].max())
-        shift = m - n[active]
-        trim = int((pad[active] + shift).min())  # slots that are pads in every remaining row
-        shift -= trim
-        end = L + n
-        L = L + m + 1 - trim
-        seq = torch.cat([realign(seq, 1, 0, active, shift, L),
-                         seq.new_zeros(len(active), seq.shape[1] - L)], dim=1)
-        pad, origin = pad[active] + shift, origin[active]
-        rollback_cache(cache, end, active, shift)
-        drafter.rollback(end, active, shift, n, g)
+        seq, L, pad, origin = realign_rows(seq, L, pad, origin, n, active,
+                                           cache, drafter, g)

@@ -323,7 +323,7 @@ class Checked(torch.nn.Module):
         self.history = {}
         return self.model.empty_cache(batch_size)
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, last_only=False):
         assert input_ids.shape[0] == 1
         start = len(cache) if position_ids is None else int(position_ids[0, 0])
         row = self.history.get(0, [])[:start] + input_ids[0].tolist()
@@ -334,7 +334,7 @@ class Checked(torch.nn.Module):
         assert torch.allclose(logits, full, atol=1e-9, rtol=0), (logits - full).abs().max()
         assert len(cache) == len(row)
         self.calls += 1
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 @pytest.mark.parametrize("greedy", [True, False])
@@ -360,9 +360,10 @@ class ConstantLM(torch.nn.Module):
     def empty_cache(self, batch_size):
         return KVCache(1, batch_size, 1, 1, self.config.block_size)  # never written: no memory
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, last_only=False):
         cache.advance(input_ids.shape[1])
-        return self.logits.expand(*input_ids.shape, -1)
+        T = 1 if last_only else input_ids.shape[1]
+        return self.logits.expand(input_ids.shape[0], T, -1)
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 6])
@@ -497,19 +498,29 @@ def test_bad_input(pair):
         DraftModel(draft, stop_below=1.5)
 
 
-def test_dispatch_free_draft_forward_equals_the_module():
-    from refimpl.speculative import tinygpt_last_logits
+def test_draft_model_proposals_are_the_draft_models_greedy_chain():
+    """DraftModel's last_only forward with its own cache drafts what plain full
+    forwards of the draft model choose, round after round (1 or 2 unseen tokens)."""
     model = tiny(4, layers=2)
     x = ids(1, 9, seed=8)
-    c1, c2 = model.empty_cache(1), model.empty_cache(1)
+    drafter = DraftModel(model)
+    seq = torch.zeros(1, 40, dtype=torch.long)
+    seq[:, :9] = x
+    drafter.begin(seq, 9)
+    L = 9
     with torch.no_grad():
-        for a, b in [(0, 5), (5, 6), (6, 8)]:
-            want = model(x[:, a:b], cache=c1)[:, -1]
-            got = tinygpt_last_logits(model, x[:, a:b], c2)
-            assert torch.allclose(got, want, atol=1e-12, rtol=0) and len(c1) == len(c2)
-        c1.crop(3), c2.crop(3)
-        assert torch.allclose(tinygpt_last_logits(model, x[:, 3:4], c2), model(x[:, 3:4], cache=c1)[:, -1],
-                              atol=1e-12, rtol=0)
+        for keep in (2, 4, 1):
+            draft, q = drafter.propose(seq, L, None, 4, True, 1.0, None)
+            ctx = seq[:, :L].clone()
+            for j in range(draft.shape[1]):
+                want = model(ctx)[:, -1].argmax(-1)
+                assert int(draft[0, j]) == int(want)
+                ctx = torch.cat([ctx, draft[:, j:j + 1]], dim=1)
+            seq[:, L:L + 4] = draft
+            seq[0, L + keep] = (int(draft[0, keep]) + 1) % model.config.vocab_size if keep < 4 else 0
+            drafter.rollback(L + keep, None, None, keep, 4)
+            L += keep + 1
+            assert len(drafter.cache) <= L
 
 
 # ------------------------------------------------------------------ one case per check rule

@@ -20,11 +20,9 @@ from refimpl.kernels.common import FLOAT_DTYPES, check_block, check_device, chec
 
 
 @triton.jit
-def _verify_kernel(Tok, Q, P, U, Vu, N_out, Next_out, G, V,
-                   stride_qb, stride_qg, stride_pb, stride_pg,
-                   BLOCK_V: tl.constexpr):
-    b = tl.program_id(0)
-    # 1. the acceptance test at every position; n = the first rejection
+def _first_rejection(Tok, Q, P, U, b, G, stride_qb, stride_qg, stride_pb,
+                     stride_pg):
+    """n = the first draft j with u_j q_j(x_j) >= p_j(x_j); G if none."""
     n = G
     for j in range(0, G):
         x = tl.load(Tok + b * G + j)
@@ -33,11 +31,13 @@ def _verify_kernel(Tok, Q, P, U, Vu, N_out, Next_out, G, V,
         u = tl.load(U + b * G + j)
         rejected = u * qx >= px
         n = tl.where(rejected & (n == G), j, n)
-    has_q = n < G  # after the last draft q is zero: the residual is p itself
-    p_row = P + b * stride_pb + n * stride_pg
-    q_row = Q + b * stride_qb + tl.minimum(n, G - 1) * stride_qg
+    return n
+
+
+@triton.jit
+def _residual_mass(p_row, q_row, has_q, V, BLOCK_V: tl.constexpr):
+    """Pass one over the vocabulary: the mass of max(0, p - q) and of p."""
     offs = tl.arange(0, BLOCK_V)
-    # 2. pass one: residual mass, p's mass, and the last index with positive weight
     mass = 0.0
     p_mass = 0.0
     for start in range(0, V, BLOCK_V):
@@ -47,9 +47,15 @@ def _verify_kernel(Tok, Q, P, U, Vu, N_out, Next_out, G, V,
         q = tl.load(q_row + cols, mask=ok & has_q, other=0.0).to(tl.float32)
         mass += tl.sum(tl.maximum(p - q, 0.0), axis=0)
         p_mass += tl.sum(p, axis=0)
-    use_p = mass <= 0.0
-    threshold = tl.load(Vu + b) * tl.where(use_p, p_mass, mass)
-    # 3. pass two: the first index whose running cumulative weight exceeds the threshold
+    return mass, p_mass
+
+
+@triton.jit
+def _inverse_cdf(p_row, q_row, has_q, use_p, threshold, V,
+                 BLOCK_V: tl.constexpr):
+    """Pass two: the first index whose cumulative weight exceeds threshold,
+    the sum of earlier blocks carried into each block's cumsum."""
+    offs = tl.arange(0, BLOCK_V)
     carry = 0.0
     found = V
     last = 0
@@ -62,11 +68,29 @@ def _verify_kernel(Tok, Q, P, U, Vu, N_out, Next_out, G, V,
         cum = tl.cumsum(w, axis=0) + carry
         hit = (cum > threshold) & ok & (w > 0)
         found = tl.minimum(found, tl.min(tl.where(hit, cols, V), axis=0))
-        last = tl.maximum(last, tl.max(tl.where((w > 0) & ok, cols, 0), axis=0))
+        positive = tl.where((w > 0) & ok, cols, 0)
+        last = tl.maximum(last, tl.max(positive, axis=0))
         carry += tl.sum(w, axis=0)
-    # rounding can leave the threshold above the total: take the last token with weight
+    # rounding can leave the threshold above the total: the last with weight
+    return tl.minimum(found, last)
+
+
+@triton.jit
+def _verify_kernel(Tok, Q, P, U, Vu, N_out, Next_out, G, V,
+                   stride_qb, stride_qg, stride_pb, stride_pg,
+                   BLOCK_V: tl.constexpr):
+    b = tl.program_id(0)  # one program per row of the batch
+    n = _first_rejection(Tok, Q, P, U, b, G, stride_qb, stride_qg,
+                         stride_pb, stride_pg)
+    has_q = n < G  # after the last draft q is zero: the residual is p itself
+    p_row = P + b * stride_pb + n * stride_pg
+    q_row = Q + b * stride_qb + tl.minimum(n, G - 1) * stride_qg
+    mass, p_mass = _residual_mass(p_row, q_row, has_q, V, BLOCK_V)
+    use_p = mass <= 0.0  # p = q: the residual is empty, sample from p
+    threshold = tl.load(Vu + b) * tl.where(use_p, p_mass, mass)
+    token = _inverse_cdf(p_row, q_row, has_q, use_p, threshold, V, BLOCK_V)
     tl.store(N_out + b, n)
-    tl.store(Next_out + b, tl.minimum(found, last))
+    tl.store(Next_out + b, token)
 
 
 def _check(draft_tokens, q, p, u, v):
