@@ -13,6 +13,7 @@ attention where each sequence begins.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -374,14 +375,16 @@ def length_groups(cu_seqlens, group_size: int = 4):
     return groups
 
 
-def varlen_attention(q, k, v, cu_seqlens, causal=True, group_size=4):
+def varlen_attention(q, k, v, cu_seqlens, causal=True, group_size=4,
+                     groups=None):
     """Attention over a concatenated stream q, k, v [N, H, D]; sequence i is
     rows cu[i]:cu[i+1]. One SDPA call per group of similar lengths: right
     padding is invisible to real queries under the top-left causal mask, and
-    masked as keys otherwise."""
+    masked as keys otherwise. ``groups``: length_groups(cu_seqlens), if the
+    caller has them already (they depend on cu_seqlens only)."""
     _check_varlen(q, k, v, cu_seqlens)
     out = torch.empty_like(q)
-    for rows, real in length_groups(cu_seqlens, group_size):
+    for rows, real in groups or length_groups(cu_seqlens, group_size):
         qg, kg, vg = (t[rows].transpose(1, 2) for t in (q, k, v))  # g,H,n,D
         mask = None if causal else real[:, None, None, :]
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask,
@@ -420,6 +423,8 @@ def padding_free_prefill(model, prompts, attention=varlen_attention):
     cfg = model.config
     prompts = _as_prompts(prompts, cfg.block_size, vocab_size=cfg.vocab_size)
     ids, cu, pos = stream_inputs(prompts)
+    if attention is varlen_attention:  # its groups: once, not once per layer
+        attention = functools.partial(attention, groups=length_groups(cu))
     N, C, H = len(ids), cfg.n_embd, cfg.n_head
     x = model.tok_emb(ids) + model.pos_emb(pos)
     for block in model.blocks:
