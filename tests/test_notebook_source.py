@@ -13,10 +13,14 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 
 
 def display_math_inside_a_paragraph(markdown: str) -> list[int]:
-    """Line numbers where a ``$$`` block opens after, or closes before, a non-blank line."""
+    """Line numbers where a ``$$`` block opens after, or closes before, a non-blank line, or
+    where a ``$$`` stands alone on its line: the book attaches the delimiters to the math
+    (``$$first line`` ... ``last line$$``), the one form the project's site checks accept."""
     lines, bad, inside = markdown.split("\n"), [], False
     for i, line in enumerate(lines):
         s = line.strip()
+        if s == "$$":
+            bad.append(i)
         opens = not inside and s.startswith("$$")
         closes = (inside or opens) and s.endswith("$$") and (inside or len(s) > 2)
         if opens and i > 0 and lines[i - 1].strip():
@@ -31,7 +35,8 @@ def test_the_check_finds_math_run_into_prose():
     assert display_math_inside_a_paragraph("Text:\n$$a = b.$$\nMore text.") == [1, 1]
     assert display_math_inside_a_paragraph("Text:\n\n$$a\n= b$$\nmore") == [3]
     assert display_math_inside_a_paragraph("Text:\n\n$$a = b$$\n\nMore, and $x$ inline.") == []
-    assert display_math_inside_a_paragraph("$$\na = b\n$$") == []
+    assert display_math_inside_a_paragraph("$$a\n= b$$") == []
+    assert display_math_inside_a_paragraph("$$\na = b\n$$") == [0, 2]
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
