@@ -11,6 +11,16 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import Rectangle
 
+DPI, WIDTH = 100, 7.0  # 7 inches at 100 dpi: the ~700 px of the site's column, 9-pt text legible
+
+
+def _save(fig, path):
+    """Lay out, save at DPI and close: the notebook shows the file, so the page has one copy."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------
 # Chapter 0, the workbench (notebooks/00_workbench.ipynb)
 # --------------------------------------------------------------------------------------------
@@ -99,13 +109,9 @@ def workbench_training_figure(records: dict, path: Path, bar: float = 1.60):
     return fig
 
 
-
 # --------------------------------------------------------------------------------------------
 # Chapter 1, pointer networks (notebooks/01_pointer_networks.ipynb)
 # --------------------------------------------------------------------------------------------
-
-
-POINTER_DPI = 100
 
 
 def pointer_idea_figure(path):
@@ -147,7 +153,7 @@ def pointer_idea_figure(path):
     bx.annotate("points at\ninput 4 (0.38)", (3.6, 0.8), (0.6, 0.55), fontsize=9,
                 arrowprops={"arrowstyle": "->", "color": "C3"})
     fig.tight_layout()
-    fig.savefig(path, dpi=POINTER_DPI)
+    fig.savefig(path, dpi=DPI)
     return fig
 
 
@@ -173,7 +179,7 @@ def pointer_training_figure(curves, path):
         ax.grid(alpha=0.3)
     fig.suptitle("validation curves of the committed checkpoints", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=POINTER_DPI)
+    fig.savefig(path, dpi=DPI)
     return fig
 
 
@@ -195,7 +201,7 @@ def pointer_predictions_figure(tsp, hull, path):
         axes[row, -1].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("predicted (thin) vs exact (thick grey), fresh instances, n = 10", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=POINTER_DPI)
+    fig.savefig(path, dpi=DPI)
     return fig
 
 
@@ -221,7 +227,7 @@ def pointer_attention_figure(points, path_taken, probs, path):
     ax2.set_yticks([])
     ax2.set_title("the decoded tour", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=POINTER_DPI)
+    fig.savefig(path, dpi=DPI)
     return fig
 
 
@@ -255,7 +261,7 @@ def pointer_widget_figure(points, path_taken, probs, steps, path):
     fig.suptitle("one decode, step by step (size and colour: p(next); red x: chosen)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=POINTER_DPI)
+    fig.savefig(path, dpi=DPI)
     return fig
 
 
@@ -271,7 +277,7 @@ def pointer_curves_figure(curves, key, title, path, ylabel="validation accuracy"
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=POINTER_DPI)
+    fig.savefig(path, dpi=DPI)
     return fig
 
 
@@ -279,14 +285,12 @@ def pointer_curves_figure(curves, key, title, path, ylabel="validation accuracy"
 # Chapter 2, beam search (notebooks/02_beam_search.ipynb)
 # --------------------------------------------------------------------------------------------
 
-SEARCH_WIDTH, SEARCH_DPI = 7.0, 100  # about the 700 px of the column; 9-pt text stays legible
-
 
 def search_tree_figure(tree, B, decode, path):
     """The candidates and survivors of each step of plain beam search: ``tree`` is a list of
     steps, each {"parent", "token", "score"} over the step's 2B candidates, best first;
     ``decode`` turns a token id into text."""
-    fig, ax = plt.subplots(figsize=(SEARCH_WIDTH, 3.6), dpi=SEARCH_DPI)
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6), dpi=DPI)
     for t, step in enumerate(tree):
         for rank, (p, tk) in enumerate(zip(step["parent"], step["token"])):
             kept = rank < B
@@ -306,15 +310,13 @@ def search_tree_figure(tree, B, decode, path):
     ax.set_xlim(-0.5, len(tree) + 0.5)
     ax.set_title(f"beam search, B = {B}: the 2B best candidates of each step (grey), "
                  f"the B kept (blue)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=SEARCH_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def search_diversity_quality_figure(sweep, path):
     """Mean log p per token against distinct-2, one line per number of groups G; ``sweep``
     rows have G, penalty, distinct2 and logp, the first row plain beam search."""
-    fig, ax = plt.subplots(figsize=(SEARCH_WIDTH, 4.2), dpi=SEARCH_DPI)
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.2), dpi=DPI)
     base = sweep[0]
     ax.scatter(base["distinct2"], base["logp"], s=150, marker="*", color="k",
                label="beam search (G = 1)", zorder=3)
@@ -331,15 +333,13 @@ def search_diversity_quality_figure(sweep, path):
     ax.margins(x=0.06, y=0.1)
     ax.set_title("Diversity vs quality, B = 6; point labels = diversity penalty", fontsize=10)
     ax.legend(fontsize=9, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=SEARCH_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def search_hypotheses_figure(panels, prompt, path):
     """The hypotheses of several searches, one panel under the other: ``panels`` is a list of
     (title, texts), texts best first."""
-    fig, axes = plt.subplots(len(panels), 1, figsize=(SEARCH_WIDTH, 1.7 * len(panels)), dpi=SEARCH_DPI)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(WIDTH, 1.7 * len(panels)), dpi=DPI)
     for ax, (title, texts) in zip(axes, panels):
         for i, text in enumerate(texts):
             ax.text(0.0, 1 - (i + 1) / (len(texts) + 1), text, family="monospace", fontsize=9,
@@ -347,17 +347,13 @@ def search_hypotheses_figure(panels, prompt, path):
         ax.set_title(title, fontsize=10, loc="left")
         ax.axis("off")
     fig.suptitle(f"prompt {prompt!r}, hypotheses best first", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=SEARCH_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
 # Chapter 3, ring attention (notebooks/03_ring_attention.ipynb)
 # --------------------------------------------------------------------------------------------
 
-RING_DPI = 100
-RING_WIDTH = 7.0  # inches: 700 px at RING_DPI, the width the book shows
 RING_COLORS = plt.cm.tab10.colors
 
 
@@ -398,7 +394,7 @@ def ring_owner_image(N, P, layout, causal=True):
 
 def ring_idea_figure(path, layouts=("contiguous", "zigzag", "striped"), N=32, P=4):
     """The ring of P devices, then the causal score matrix coloured by owner, per layout."""
-    fig, axes = plt.subplots(1, 4, figsize=(RING_WIDTH, 2.3), dpi=RING_DPI)
+    fig, axes = plt.subplots(1, 4, figsize=(WIDTH, 2.3), dpi=DPI)
     ring_draw_ring(axes[0], P, title=f"{P} devices, a ring")
     for ax, layout in zip(axes[1:], layouts):
         ax.imshow(ring_owner_image(N, P, layout).numpy(), interpolation="nearest")
@@ -406,9 +402,7 @@ def ring_idea_figure(path, layouts=("contiguous", "zigzag", "striped"), N=32, P=
         ax.set_xlabel("key", fontsize=9)
         ax.set_ylabel("query", fontsize=9)
         ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=RING_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def ring_step_panels(axes, N, P, layout, step):
@@ -436,14 +430,12 @@ def ring_step_panels(axes, N, P, layout, step):
 
 def ring_steps_figure(path, N=16, P=4, layout="zigzag"):
     """Every step of the ring: the holdings (top row) and the tiles computed (bottom row)."""
-    fig, axes = plt.subplots(2, P, figsize=(RING_WIDTH, 4.4), dpi=RING_DPI)
+    fig, axes = plt.subplots(2, P, figsize=(WIDTH, 4.4), dpi=DPI)
     for t in range(P):
         ring_step_panels((axes[0, t], axes[1, t]), N, P, layout, t)
     fig.suptitle(f"{layout}, P = {P}: at step t rank r holds the K/V of rank (r - t) mod {P}"
                  "\n(bottom: bright = tiles of this step, faded = earlier steps)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=RING_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def ring_timeline(ax, trace, P, block, title, comm_cost=0.4):
@@ -473,12 +465,10 @@ def ring_timeline(ax, trace, P, block, title, comm_cost=0.4):
 
 def ring_timeline_figure(traces, P, block, path):
     """One timeline panel per (title, trace); returns the total time of each."""
-    fig, axes = plt.subplots(1, len(traces), figsize=(RING_WIDTH, 2.4), dpi=RING_DPI,
+    fig, axes = plt.subplots(1, len(traces), figsize=(WIDTH, 2.4), dpi=DPI,
                              sharex=True)
     totals = [ring_timeline(ax, tr, P, block, title) for ax, (title, tr) in zip(axes, traces)]
-    fig.tight_layout()
-    fig.savefig(path, dpi=RING_DPI)
-    plt.close(fig)
+    _save(fig, path)
     return totals
 
 
@@ -489,7 +479,7 @@ def ring_limit_marks(ax, xs, ys, label):
 
 def ring_load_balance_figure(rows, layouts, path):
     """Bars: busiest device over the ideal per layout and P; marks: (2P-1)/P."""
-    fig, ax = plt.subplots(figsize=(RING_WIDTH, 3.0), dpi=RING_DPI)
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.0), dpi=DPI)
     for i, layout in enumerate(layouts):
         ax.bar([j + 0.27 * (i - 1) for j in range(len(rows))], [r[layout] for r in rows], 0.27,
                label=layout)
@@ -500,14 +490,12 @@ def ring_load_balance_figure(rows, layouts, path):
     ax.set_title("Causal load balance (chunks of 64 positions)", fontsize=10)
     ax.set_ylim(0, 2.0)
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=RING_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def ring_memory_figure(seqs, curves, path, budget=80):
     """Per-device peak memory against N: ``curves`` is {label: [GiB per N]}."""
-    fig, ax = plt.subplots(figsize=(RING_WIDTH, 3.6), dpi=RING_DPI)
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6), dpi=DPI)
     for label, ys in curves.items():
         ax.loglog(seqs, ys, "x--" if "scores" in label else "o-", label=label)
     ax.axhline(budget, color="k", ls=":", lw=1)
@@ -516,14 +504,12 @@ def ring_memory_figure(seqs, curves, path, budget=80):
     ax.set_ylabel("peak GiB per device", fontsize=9)
     ax.set_title("Per-device memory, causal forward, 8 heads x 64, fp32", fontsize=10)
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=RING_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def ring_communication_figure(worlds, vol, path):
     """MiB sent per device against P (N = 4096 P): ``vol`` is {scheme: [MiB per P]}."""
-    fig, ax = plt.subplots(figsize=(RING_WIDTH, 3.2), dpi=RING_DPI)
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.2), dpi=DPI)
     labels = {"ring": "ring (pass K/V)", "allgather": "all-gather K/V", "ulysses": "Ulysses"}
     for key, ys in vol.items():
         ax.plot(worlds, ys, "x--" if key == "allgather" else "o-", label=labels[key])
@@ -533,16 +519,12 @@ def ring_communication_figure(worlds, vol, path):
     ax.set_ylabel("MiB sent per device", fontsize=9)
     ax.set_title("Forward communication when N and P grow together", fontsize=10)
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=RING_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
 # Chapter 4, prefix packing (notebooks/04_prefix_packing.ipynb)
 # --------------------------------------------------------------------------------------------
-
-PACKING_DPI = 100  # figures are 7 inches wide: 700 px, as the site column shows them
 
 
 def _packing_segments(ax, segment_ids, cmap="tab20", labels=False):
@@ -583,9 +565,7 @@ def packing_padded_figure(lengths, capacity, path):
     axes[2].set_xticks(cu.tolist()[::4], cu.tolist()[::4], fontsize=9)
     axes[0].set_ylabel("prompt"), axes[1].set_ylabel("row")
     axes[1].set_xlabel("token slot (colour = prompt, white = padding)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=PACKING_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def packing_layout_figure(packed, small, path):
@@ -609,9 +589,7 @@ def packing_layout_figure(packed, small, path):
     for ax in (axes[0, 1], axes[1, 0]):
         ax.set_xlabel("token slot", fontsize=9), ax.set_ylabel("row", fontsize=9)
         ax.set_yticks(range(small.input_ids.shape[0]))
-    fig.tight_layout()
-    fig.savefig(path, dpi=PACKING_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def packing_rows_figure(segment_ids, title, path=None):
@@ -624,7 +602,7 @@ def packing_rows_figure(segment_ids, title, path=None):
     fig.tight_layout()
     if path is None:
         return fig
-    fig.savefig(path, dpi=PACKING_DPI)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
@@ -633,14 +611,12 @@ def packing_rows_figure(segment_ids, title, path=None):
 # --------------------------------------------------------------------------------------------
 # 7 in wide at 100 dpi: the page shows them at about 700 px, so 9 pt text stays 9 pt.
 
-SPECULATIVE_DPI = 100
-
 
 def speculative_idea_figure(path):
     """Three rounds with gamma = 4: drafts (boxes), verdicts, what each round emits."""
     rounds = [("h", "e", "r", "e"), ("a", "t", "h", "y"), ("s", "o", "u", "l")]
     accepted, target_tok = [2, 4, 0], ["o", "!", "w"]
-    fig, ax = plt.subplots(figsize=(7, 2.3), dpi=SPECULATIVE_DPI)
+    fig, ax = plt.subplots(figsize=(7, 2.3), dpi=DPI)
     ax.axis("off")
     ax.set_xlim(0, 20)
     ax.set_ylim(0, 3)
@@ -661,14 +637,12 @@ def speculative_idea_figure(path):
         x0 += 6.7
     ax.text(10, 0.05, "green: accepted   light red: first rejected (later ones discarded)\n"
             "red: target's correction   blue: bonus token", ha="center", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=SPECULATIVE_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def speculative_theory_figure(alphas, c, tokens_fn, speedup_fn, path, gammas=range(0, 11)):
     """Expected tokens per target call and wall-clock gain against gamma, one line per alpha."""
-    fig, ax = plt.subplots(1, 2, figsize=(7, 3), dpi=SPECULATIVE_DPI, layout="constrained")
+    fig, ax = plt.subplots(1, 2, figsize=(7, 3), dpi=DPI, layout="constrained")
     for a in alphas:
         ax[0].plot(gammas, [tokens_fn(a, g) for g in gammas], "o-", ms=3, label=f"alpha={a}")
         ax[1].plot(gammas, [speedup_fn(a, g, c) for g in gammas], "o-", ms=3)
@@ -677,27 +651,25 @@ def speculative_theory_figure(alphas, c, tokens_fn, speedup_fn, path, gammas=ran
     ax[1].set(xlabel="gamma", ylabel="wall-clock gain")
     ax[1].set_title(f"gain / (g c + 1), c = {c:.3f}", fontsize=10)
     fig.legend(*ax[0].get_legend_handles_labels(), loc="outside right center", fontsize=9)
-    fig.savefig(path, dpi=SPECULATIVE_DPI)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
 def speculative_gamma_figure(rows, alpha, path):
     """Measured tokens per target call against the theory; rows (gamma, measured, theory)."""
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=SPECULATIVE_DPI)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=DPI)
     ax.plot([r[0] for r in rows], [r[1] for r in rows], "o-", label="measured")
     ax.plot([r[0] for r in rows], [r[2] for r in rows], "s--", label=f"theory, alpha={alpha:.2f}")
     ax.set(xlabel="gamma", ylabel="tokens per target call")
     ax.set_title("Greedy, workbench draft -> target (held-out prompts)", fontsize=10)
     ax.legend(loc="upper left", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=SPECULATIVE_DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def speculative_origins_figure(prompt_text, text, kinds, tokens_per_call, acceptance, path):
     """Generated text coloured by origin: 'a' accepted draft, 'r' correction, 'b' bonus."""
     colour = {"a": "#2ca02c", "r": "#d62728", "b": "#1f77b4"}
-    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=SPECULATIVE_DPI)
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=DPI)
     ax.axis("off")
     x, y = 0.0, 1.0
     for ch, k in [(c, "p") for c in prompt_text] + list(zip(text, kinds)):
@@ -711,6 +683,4 @@ def speculative_origins_figure(prompt_text, text, kinds, tokens_per_call, accept
             x, y = 0.0, y - 0.085
     ax.set_title(f"tokens per target call {tokens_per_call:.2f}, acceptance {acceptance:.2f}\n"
                  "(green accepted, red correction, blue bonus)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=SPECULATIVE_DPI)
-    plt.close(fig)
+    _save(fig, path)
