@@ -124,6 +124,16 @@ def test_launch_bounds_a_gpu_enforces():
         flash_attention(long, long, long)
 
 
+def test_out_dtype_is_where_the_kernel_stores(kernel_device):
+    q, k, v = (t.half() for t in make_qkv(5, 7, 16, device=kernel_device))
+    out, _ = flash_attention(q, k, v, causal=True, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    want, _ = attention_reference(q, k, v, causal=True)
+    torch.testing.assert_close(out.half(), want, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="out_dtype must be None or a float dtype"):
+        flash_attention(q, k, v, out_dtype=torch.int32)
+
+
 def _bad_inputs():
     q, k, v = make_qkv(5, 7, 16)
     return [

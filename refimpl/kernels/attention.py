@@ -135,11 +135,12 @@ def _attn_fwd_kernel(
                 acc, l_i, m_i)
 
 
-def flash_attention(q, k, v, causal=False, sm_scale=None, causal_offset=None):
+def flash_attention(q, k, v, causal=False, sm_scale=None, causal_offset=None,
+                    out_dtype=None):
     """softmax(sm_scale q k^T + mask) v with the Triton kernel; -> (out, lse).
 
     q [B, H, T, D], k and v [B, H, S, D] with D <= 128; out [B, H, T, D] in
-    q's dtype, lse [B, H, T] in fp32. With ``causal``, key j is visible to
+    ``out_dtype`` (default q's; the kernel stores in it), lse [B, H, T] fp32. With ``causal``, key j is visible to
     query i iff j <= i + causal_offset (default S - T). ``causal_offset`` is
     ignored without ``causal``. On a GPU the two matrix products run on tensor
     cores in q's dtype (TF32 for fp32) with fp32 accumulation.
@@ -150,7 +151,10 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, causal_offset=None):
     config = launch_config(D, q.dtype)
     check_launch(grid_yz=[("B * H", B * H)], q=q, k=k, v=v)
     check_device(q, "q", _attn_fwd_kernel)
-    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be None or a float dtype, got {out_dtype}")
+    out = torch.empty((B, H, T, D), dtype=out_dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse

@@ -8,8 +8,8 @@ positions a + i*st and a key block at b + j*st (st = 1 for contiguous and zigzag
 st = P for striped), key j is visible to query i iff j <= i + floor((a - b) / st): exactly the
 ``causal_offset`` of the foundation kernel ``refimpl.kernels.attention.flash_attention``.
 
-``ring_block_attention`` launches that kernel's program, ``_attn_fwd_kernel``, with the two
-things the ring needs: an fp32 output buffer (the kernel stores in the output's dtype), the
+``ring_block_attention`` calls that kernel with the two things the ring needs: an fp32
+output (``out_dtype``; the kernel stores in the output's dtype), the
 dtype of the accumulator that ``refimpl.ring.merge_partials`` keeps across the P steps (no
 rounding to q's dtype between steps), and the global offset of any sign (a block wholly in the
 future loops over no key and returns out 0, lse -inf, which the merge ignores).
@@ -19,11 +19,8 @@ from __future__ import annotations
 import operator
 
 import torch
-import triton
 
-from refimpl.kernels.attention import (_attn_fwd_kernel, check_flash_args, flash_attention,
-                                       launch_config)
-from refimpl.kernels.common import check_device, check_launch, interpreted
+from refimpl.kernels.attention import flash_attention
 from refimpl.ring import check_blocks
 
 
@@ -37,7 +34,7 @@ def global_offset(q_start: int, k_start: int, stride: int = 1) -> int:
 
 
 def ring_block_attention(q, k, v, *, sm_scale, causal_offset=None):
-    """Backend for ``refimpl.ring``: ``_attn_fwd_kernel`` into an fp32 output, with the
+    """Backend for ``refimpl.ring``: ``flash_attention`` into an fp32 output, with the
     reference block's signature (``refimpl.ring.block_attention``).
 
     q [B, H, T, D], k and v [B, H, S, D]. Returns (out fp32, lse); ``causal_offset`` None means
@@ -45,21 +42,12 @@ def ring_block_attention(q, k, v, *, sm_scale, causal_offset=None):
     outputs' shapes without launching anything.
     """
     check_blocks(q, k, v, sm_scale, causal_offset)
-    B, H, T, D = q.shape
-    out = torch.empty((B, H, T, D), dtype=torch.float32, device=q.device)
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    if q.is_meta or out.numel() == 0:
-        return out, lse
-    _, S, sm_scale, offset = check_flash_args(q, k, v, sm_scale, causal_offset)
-    config = launch_config(D, q.dtype)
-    check_launch(grid_yz=[("B * H", B * H)], q=q, k=k, v=v)
-    check_device(q, "q", _attn_fwd_kernel)
-    grid = (triton.cdiv(T, config["BLOCK_M"]), B * H)  # query blocks x heads
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, T, S, D, sm_scale, offset, CAUSAL=causal_offset is not None,
-        IEEE=interpreted(_attn_fwd_kernel), **config)
-    return out, lse
+    if q.is_meta:
+        B, H, T, D = q.shape
+        return (torch.empty((B, H, T, D), dtype=torch.float32, device=q.device),
+                torch.empty((B, H, T), dtype=torch.float32, device=q.device))
+    return flash_attention(q, k, v, causal=causal_offset is not None, sm_scale=sm_scale,
+                           causal_offset=causal_offset, out_dtype=torch.float32)
 
 
 def ring_step(q, k, v, q_start, k_start, *, causal=False, stride=1, sm_scale=None):
