@@ -53,8 +53,12 @@ def write_results(chapter: str, results: dict, fig) -> Path:
     FIGURES.mkdir(exist_ok=True)
     path = FIGURES / f"bench_{chapter}.json"
     path.write_text(json.dumps({"environment": environment(), **results}, indent=2) + "\n")
-    fig.savefig(FIGURES / f"bench_{chapter}.png", dpi=100)
+    save_figure(chapter, fig)
     return path
+
+
+def save_figure(chapter: str, fig) -> None:
+    fig.savefig(FIGURES / f"bench_{chapter}.png", dpi=100)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -78,7 +82,16 @@ def main(argv=None) -> None:
     parser.add_argument("chapter", choices=BENCHMARKS + ["all"])
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (default 1: one decoding stream per core)")
+    parser.add_argument("--plot", action="store_true",
+                        help="only redraw figures/bench_CHAPTER.png from its JSON (benchmarks with a plot())")
     args = parser.parse_args(argv)
+    if args.plot:
+        for name in BENCHMARKS if args.chapter == "all" else [args.chapter]:
+            module = importlib.import_module(f"refimpl.benchmarks.{name}")
+            if hasattr(module, "plot"):
+                save_figure(name, module.plot(json.loads((FIGURES / f"bench_{name}.json").read_text())))
+                print(f"redrew figures/bench_{name}.png")
+        return
     torch.set_num_threads(args.threads)
     if not torch.cuda.is_available():
         print("No CUDA device: timing the torch CPU paths (Triton kernels are timed only on a GPU).")

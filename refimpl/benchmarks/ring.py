@@ -142,7 +142,7 @@ def run() -> dict:
 
 def plot(results):
     """The four panels of figures/bench_ring.png from the results (also from the JSON)."""
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(7, 7.4), layout="constrained")
     ax = axes[0, 0]
     lb = results["load_balance"]
     worlds = sorted({r["P"] for r in lb})
@@ -151,25 +151,26 @@ def plot(results):
                [r["busiest_over_ideal"] for r in lb if r["layout"] == layout], 0.25, label=layout)
     ax.hlines([(2 * P - 1) / P for P in worlds], [j - 0.42 for j in range(len(worlds))],
               [j + 0.42 for j in range(len(worlds))], colors="k", lw=2,
-              label="(2P-1)/P, contiguous limit (derived)")
-    ax.set_xticks(range(len(worlds)), [f"P={P}" for P in worlds])
+              label="(2P-1)/P: contiguous\nlimit (derived)")
+    ax.set_xticks(range(len(worlds)), [str(P) for P in worlds])
+    ax.set_xlabel("P (devices)")
     ax.set_ylabel("busiest device / ideal (causal)")
-    ax.set_title("Load balance (simulated)")
-    ax.set_ylim(0, 2.7)
-    ax.legend(fontsize=8, ncol=2, loc="upper left", borderaxespad=0.6)
+    ax.set_title("Load balance (simulated)", fontsize=10)
+    ax.set_ylim(0, 3.1)
+    ax.legend(fontsize=9, ncol=2, loc="upper left", borderaxespad=0.3, handlelength=1.2, columnspacing=0.8)
 
     ax = axes[0, 1]
     mem = results["memory"]
     seqs = sorted({r["N"] for r in mem})
     for P in sorted({r["P"] for r in mem}):
         ax.loglog(seqs, [r["peak_flash_GiB"] for r in mem if r["P"] == P], "o-",
-                  label="flash, one device" if P == 1 else f"ring, P={P} (flash blocks)")
+                  label="flash, 1 device" if P == 1 else f"ring, P={P}")
     ax.loglog(seqs, [r["peak_GiB"] for r in mem if r["P"] == 1], "k--",
-              label="one device, materialised scores")
+              label="1 device, scores\nmaterialised")
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("peak memory per device (GiB)")
-    ax.set_title(f"Memory per device, fp32, {HEADS} heads x {DIM}")
-    ax.legend(fontsize=8)
+    ax.set_title(f"Memory, fp32, {HEADS} heads x {DIM}", fontsize=10)
+    ax.legend(fontsize=9, loc="upper left")
 
     ax = axes[1, 0]
     com = results["communication"]
@@ -180,14 +181,15 @@ def plot(results):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("P (N = 4096 P, 32 heads of 64)")
-    ax.set_ylabel("bytes sent per device (MiB, forward)")
-    ax.set_title("Communication when N and P grow together")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("MiB sent per device (forward)")
+    ax.set_title("Communication, N and P grow together", fontsize=10)
+    ax.legend(fontsize=9)
 
     ax = axes[1, 1]
     wt = results["wall_time"]
-    ax.barh([r["setup"] for r in wt], [1e3 * r["seconds"] for r in wt], color="C2")
+    short = [r["setup"].replace(" gloo processes", " procs").replace("1 process", "1 proc")
+             .replace(" (materialised scores)", ", scores") for r in wt]
+    ax.barh(short, [1e3 * r["seconds"] for r in wt], color="C2")
     ax.set_xlabel("ms (causal forward, N = 4096)")
-    ax.set_title(f"Wall time on {os.cpu_count()} CPU cores, 1 thread per process")
-    fig.tight_layout()
+    ax.set_title(f"Wall time ({os.cpu_count()} cores, 1 thread each)", fontsize=10, loc="right")
     return fig

@@ -37,6 +37,33 @@ def model(n_layer: int = 6, n_embd: int = 384, vocab_size: int = 8192, seed: int
     return GPT2LMHeadModel(config).eval()
 
 
+def plot(results):
+    """figures/bench_search.png from the results (also from the JSON): one row per setting."""
+    rows = results["rows"][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.6))
+    y = torch.arange(len(rows)).float()
+    ax.barh(y + 0.2, [r["hf_tokens_per_s"] for r in rows], 0.4, label="HF generate")
+    ax.barh(y - 0.2, [r["ours_tokens_per_s"] for r in rows], 0.4, label="refimpl beam_search")
+    ax.vlines([r["forwards_tokens_per_s"] for r in rows], y - 0.45, y + 0.45, colors="k", lw=1.5,
+              label="forward passes alone (ceiling)")
+    right = max(max(r["forwards_tokens_per_s"], r["ours_tokens_per_s"]) for r in rows)
+    for i, r in enumerate(rows):
+        ax.text(max(r["forwards_tokens_per_s"], r["ours_tokens_per_s"]) + 0.02 * right, i,
+                f"{r['speedup']:.2f}x", va="center", fontsize=9)
+    ax.set_xlim(0, 1.15 * right)
+    labels = [f"{r['model'].split(', ')[0].removeprefix('gpt2 ')}, P {r['prompt_len']}, "
+              f"B {r['num_beams']}, G {r['groups']}" for r in rows]
+    ax.set_yticks(y.tolist(), labels, fontsize=9)
+    ax.set_xlabel("generated tokens / s (label: speed-up over HF)")
+    shapes = ", ".join(name.removeprefix("gpt2 ").replace(", V=", " with V = ") for name in results["models"])
+    ax.set_title(f"Beam search vs HF generate: GPT-2 {shapes}, random weights,\n"
+                 f"batch {results['batch']}, prompt P, {results['new_tokens']} new tokens, "
+                 f"B beams in G groups, {results.get('threads', 1)} thread", fontsize=10)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.45, -0.16), ncol=3, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def run(batch: int = 2, new_tokens: int = 32, repeats: int = 5) -> dict:
     transformers.logging.set_verbosity_error()
     rows, models = [], {name: model(*shape) for name, shape in MODELS.items()}
@@ -77,26 +104,11 @@ def run(batch: int = 2, new_tokens: int = 32, repeats: int = 5) -> dict:
                      "ceiling": t_hf / t_forwards})
     print_table(rows)
 
-    fig, ax = plt.subplots(figsize=(10, 4))
-    labels = [f"{r['model'].split(', ')[1]}, P={r['prompt_len']}\nB={r['num_beams']}, G={r['groups']}"
-              for r in rows]
-    x = torch.arange(len(rows)).float()
-    ax.bar(x - 0.2, [r["hf_tokens_per_s"] for r in rows], 0.4, label="HF generate")
-    ax.bar(x + 0.2, [r["ours_tokens_per_s"] for r in rows], 0.4, label="refimpl beam_search")
-    for i, r in enumerate(rows):
-        ax.text(i + 0.2, r["ours_tokens_per_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom")
-        ax.plot([i - 0.4, i + 0.4], [r["forwards_tokens_per_s"]] * 2, "k--", lw=1,
-                label="forward passes alone (ceiling)" if i == 0 else None)
-    ax.set_xticks(x.tolist(), labels, fontsize=7)
-    ax.set_ylabel("generated tokens / s")
-    ax.set_title(f"Beam search vs HF generate, GPT-2 shapes ({'; '.join(MODELS)}), batch {batch}, prompt P, "
-                 f"{new_tokens} new tokens, {torch.get_num_threads()} thread(s)", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
     results = {"models": {name: dict(zip(("n_layer", "n_embd", "vocab_size"), shape))
                           for name, shape in MODELS.items()},
                "batch": batch, "new_tokens": new_tokens, "repeats": repeats,
-               "rows": rows}
+               "rows": rows, "threads": torch.get_num_threads()}
+    fig = plot(results)
     write_results("search", results, fig)
     plt.close(fig)
     return results

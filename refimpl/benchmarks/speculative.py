@@ -25,6 +25,50 @@ DISTILLED_GAMMA = 8
 COPY_GAMMA = 12
 
 
+def plot(results):
+    """figures/bench_speculative.png from the results (also from the JSON): the speed-up of every
+    drafter on top; below, the greedy gamma sweep of each draft model against the theory."""
+    fig = plt.figure(figsize=(7, 8.4), layout="constrained")
+    upper, lower = fig.subfigures(2, 1, height_ratios=(1.2, 1))
+    top = upper.subplots()
+    left, right = lower.subplots(1, 2)
+    rows = results["rows"]
+    colors = {"greedy": "C0", "T=1": "C1"}
+    top.barh(range(len(rows)), [r["speedup"] for r in rows],
+             color=[colors.get(r["mode"], "C2") for r in rows])
+    top.set_yticks(range(len(rows)), [f"{r['drafter']} ({r['mode']})" for r in rows], fontsize=9)
+    top.invert_yaxis()
+    top.axvline(1, color="k", lw=0.8)
+    top.set_xlabel("speed-up over autoregressive decoding (wall clock)")
+    top.set_title("Every drafter on one prompt\n(blue: greedy, orange: T = 1, green: copy task)",
+                  fontsize=10)
+    c = results.get("c", {"draft model": results["c_draft"],
+                          "distilled draft model": results["c_distilled"]})
+    alpha = {"draft model": results["alpha_greedy"], "distilled draft model": results["alpha_greedy_distilled"]}
+    for name, color in zip(alpha, ("C0", "C3")):
+        part = [s for s in results["gamma_sweep"] if s["drafter"] == name]
+        gs = [s["gamma"] for s in part]
+        short = name.removesuffix(" model")
+        left.plot(gs, [s["tokens_per_call"] for s in part], "o-", color=color,
+                  label=f"{short}, a = {alpha[name]:.2f}")
+        left.plot(gs, [s["theory_tokens_per_call"] for s in part], "--", color=color)
+        right.plot(gs, [s["speedup"] for s in part], "o-", color=color,
+                   label=f"{short}, c = {c[name]:.2f}")
+        right.plot(gs, [s["theory_speedup"] for s in part], "--", color=color)
+    copy = results["copy_task_gamma_sweep"]
+    right.plot([s["gamma"] for s in copy], [s["speedup"] for s in copy], "^-", color="C2",
+               label="prompt lookup, editor")
+    right.axhline(2, color="k", lw=0.6)
+    left.set_title("tokens per target call", fontsize=10)
+    right.set_title("speed-up", fontsize=10)
+    for ax in (left, right):
+        ax.set_xlabel("gamma (draft tokens per round)")
+        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    lower.suptitle("Greedy gamma sweep; solid: measured, dashed: theory with the measured a, c",
+                   fontsize=10)
+    return fig
+
+
 def copy_task(tok, val_ids, length=112, num_typos=3, seed=0):
     """The copy-heavy editing task (refimpl.editing): a held-out passage with a few misspelt words
     and SEP, as (prompt ids [1, P], the correct answer as text)."""
@@ -120,7 +164,6 @@ def run(new_tokens: int = 160, repeats: int = 3, gammas=(1, 2, 3, 4, 6, 8)) -> d
         copy_sweep.append({"drafter": "prompt lookup, editor", "gamma": g, "speedup": t_ar / t_sp,
                            "tokens_per_call": sp()[1].tokens_per_call})
     print_table(copy_sweep)
-    results["copy_task_gamma_sweep"] = copy_sweep
     print_table([{k: v for k, v in r.items() if not k.startswith("theory") and k != "alpha"} for r in rows])
 
     # gamma sweep, greedy, each draft model: measured vs theory
@@ -142,30 +185,8 @@ def run(new_tokens: int = 160, repeats: int = 3, gammas=(1, 2, 3, 4, 6, 8)) -> d
     for name in models:
         print(f"{name}: c = {c[name]:.3f}, greedy alpha = {alpha[name]:.3f}")
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['drafter']}\n{r['mode']}" for r in rows]
-    colors = ["C0" if r["mode"] == "greedy" else "C1" if r["mode"] == "T=1" else "C2" for r in rows]
-    ax1.barh(range(len(rows)), [r["speedup"] for r in rows], color=colors)
-    ax1.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax1.invert_yaxis()
-    ax1.axvline(1, color="k", lw=0.8)
-    ax1.set_xlabel("speedup over autoregressive (wall clock)")
-    ax1.set_title("Drafters (greedy: blue, T=1: orange, copy task: green)", fontsize=9)
-    for name, color in zip(models, ("C0", "C3")):
-        part = [s for s in sweep if s["drafter"] == name]
-        gs = [s["gamma"] for s in part]
-        ax2.plot(gs, [s["tokens_per_call"] for s in part], "o-", color=color,
-                 label=f"{name} (a = {alpha[name]:.2f}, c = {c[name]:.3f}): tokens / call")
-        ax2.plot(gs, [s["theory_tokens_per_call"] for s in part], "--", color=color, label="  theory (1-a^(g+1))/(1-a)")
-        ax2.plot(gs, [s["speedup"] for s in part], "s-", color=color, alpha=0.5, label="  speedup (measured)")
-        ax2.plot(gs, [s["theory_speedup"] for s in part], ":", color=color, label="  theory speedup, c measured")
-    ax2.plot([s["gamma"] for s in copy_sweep], [s["speedup"] for s in copy_sweep], "^-", color="C2",
-             label="prompt lookup, editor, copy task: speedup")
-    ax2.axhline(2, color="k", lw=0.6)
-    ax2.set_xlabel("gamma (draft tokens per round)")
-    ax2.set_title("Greedy: workbench drafts -> target; prompt lookup -> editor", fontsize=9)
-    ax2.legend(fontsize=6)
-    fig.tight_layout()
+    results.update(copy_task_gamma_sweep=copy_sweep, c={name: c[name] for name in models})
+    fig = plot(results)
     write_results("speculative", results, fig)
     plt.close(fig)
     return results
