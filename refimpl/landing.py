@@ -1,10 +1,12 @@
-"""The landing page's table "paper's claim | our measurement | target | met?".
+"""The landing page's two generated tables: the chapters (titles read from the notebooks, so they
+read as the sidebar does) and "paper's claim | our measurement | target | met? | verdict".
 
-``python -m refimpl.landing`` rewrites the region of ``notebooks/index.md`` between the lines
-``<!-- claims:start -->`` and ``<!-- claims:end -->``; ``--check`` only exits 1 if that region is
-out of date. Every measured number is read from a committed JSON file (a benchmark's
-``figures/bench_*.json`` or a training record in ``refimpl/assets/pointer/``); only the papers'
-numbers and the book's targets are written here. A record not yet written reads "not yet measured".
+``python -m refimpl.landing`` rewrites the regions of ``notebooks/index.md`` between the lines
+``<!-- chapters:start -->`` / ``<!-- chapters:end -->`` and ``<!-- claims:start -->`` /
+``<!-- claims:end -->``; ``--check`` only exits 1 if a region is out of date. Every measured
+number is read from a committed JSON file (a benchmark's ``figures/bench_*.json`` or a training
+record in ``refimpl/assets/pointer/``); only the papers' numbers and the book's targets are
+written here. A record not yet written reads "not yet measured".
 """
 import argparse
 import json
@@ -14,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 INDEX = "notebooks/index.md"
 START, END = "<!-- claims:start -->", "<!-- claims:end -->"
+CHAPTERS_START, CHAPTERS_END = "<!-- chapters:start -->", "<!-- chapters:end -->"
 MISSING = "not yet measured"
 PTR = "refimpl/assets/pointer/{}.json"
 
@@ -231,6 +234,33 @@ CLAIMS = [
 ]
 
 
+# notebook -> (reference code under refimpl/, kernel under refimpl/kernels/, tests under tests/)
+CHAPTERS = {
+    "00_workbench": ("lm data train hf", "attention", "lm data train hf kernels_attention mirror"),
+    "01_pointer_networks": ("pointer", "pointer", "pointer kernels_pointer"),
+    "02_beam_search": ("search", "search", "search kernels_search"),
+    "03_ring_attention": ("ring ring_dist", "ring", "ring ring_dist kernels_ring"),
+    "04_prefix_packing": ("packing", "packing", "packing kernels_packing"),
+    "05_speculative_decoding": ("speculative editing", "speculative", "speculative editing kernels_speculative"),
+}
+
+
+def chapter_title(root: Path, notebook: str) -> str:
+    """The notebook's h1 (the first ``# `` line of its first cell): the sidebar's title."""
+    cell = json.loads((Path(root) / "notebooks" / f"{notebook}.ipynb").read_text())["cells"][0]
+    return next(line[2:].strip() for line in "".join(cell["source"]).split("\n") if line.startswith("# "))
+
+
+def chapters_table(root: Path = ROOT) -> str:
+    """The markdown table of the chapters, as it goes between the chapter markers in index.md."""
+    def files(names, prefix=""):
+        return ", ".join(f"`{prefix}{n}.py`" for n in names.split())
+    lines = ["| chapter | code and kernel in `refimpl/` | tests in `tests/` |", "|---|---|---|"]
+    lines += [f"| [{chapter_title(root, nb)}]({nb}.ipynb) | {files(code)}; {files(kernel, 'kernels/')} "
+              f"| {files(tests, 'test_')} |" for nb, (code, kernel, tests) in CHAPTERS.items()]
+    return "\n".join(lines)
+
+
 def claim_rows(root: Path = ROOT) -> list[dict]:
     """One dict per claim (claim, measured, target, met, verdict, sources), measured from the
     JSON under root."""
@@ -255,13 +285,19 @@ def claims_table(root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
-def render_index(text: str, root: Path = ROOT) -> str:
-    """``text`` (index.md) with the region between the markers replaced by the current table."""
-    head, sep, rest = text.partition(START + "\n")
-    _, sep2, tail = rest.partition(END)
+def replace_region(text: str, start: str, end: str, body: str) -> str:
+    """``text`` with the lines between the markers ``start`` and ``end`` replaced by ``body``."""
+    head, sep, rest = text.partition(start + "\n")
+    _, sep2, tail = rest.partition(end)
     if not sep or not sep2:
-        raise ValueError(f"{INDEX} must contain the lines {START} and {END}")
-    return head + sep + claims_table(root) + "\n" + sep2 + tail
+        raise ValueError(f"{INDEX} must contain the lines {start} and {end}")
+    return head + sep + body + "\n" + sep2 + tail
+
+
+def render_index(text: str, root: Path = ROOT) -> str:
+    """``text`` (index.md) with both generated regions replaced by the current tables."""
+    text = replace_region(text, CHAPTERS_START, CHAPTERS_END, chapters_table(root))
+    return replace_region(text, START, END, claims_table(root))
 
 
 def main(argv=None, root: Path | None = None) -> int:

@@ -12,8 +12,9 @@ NUMBER = re.compile(r"^-?\d+(\.\d+)?")
 
 
 def copy_sources(tmp_path):
-    """Copy index.md and every JSON file the table reads (those that exist) under tmp_path."""
+    """Copy index.md, the notebooks and every JSON file the tables read (those that exist) under tmp_path."""
     rels = {s for _, sources, *_ in landing.CLAIMS for s in sources} | {landing.INDEX}
+    rels |= {f"notebooks/{nb}.ipynb" for nb in landing.CHAPTERS}
     for rel in rels:
         if (landing.ROOT / rel).exists():
             (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -90,5 +91,20 @@ def test_missing_record_reads_not_yet_measured_but_missing_row_fails(tmp_path):
 
 
 def test_index_without_markers_is_an_error():
-    with pytest.raises(ValueError, match="claims:start"):
+    with pytest.raises(ValueError, match="chapters:start"):
         landing.render_index("# no markers here\n")
+    with pytest.raises(ValueError, match="claims:start"):
+        landing.render_index(f"{landing.CHAPTERS_START}\n{landing.CHAPTERS_END}\n")
+
+
+def test_chapter_table_names_files_that_exist_and_the_sidebar_titles():
+    table = landing.chapters_table()
+    for nb, (code, kernel, tests) in landing.CHAPTERS.items():
+        assert (landing.ROOT / "notebooks" / f"{nb}.ipynb").is_file()
+        for name in code.split():
+            assert (landing.ROOT / "refimpl" / f"{name}.py").is_file(), name
+        for name in kernel.split():
+            assert (landing.ROOT / "refimpl/kernels" / f"{name}.py").is_file(), name
+        for name in tests.split():
+            assert (landing.ROOT / "tests" / f"test_{name}.py").is_file(), name
+    assert "[2. Beam search and diverse beam search](02_beam_search.ipynb)" in table
