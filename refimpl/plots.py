@@ -120,7 +120,7 @@ def pointer_idea_figure(path):
     values = [0.62, 0.15, 0.91, 0.38, 0.07]
     probs = [0.08, 0.0, 0.02, 0.90, 0.0]  # steps 1 and 2 chose 0.07 and 0.15: masked
     chosen = {1, 4}
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.2, 3.3), gridspec_kw={"width_ratios": [1.5, 1]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.0, 3.3), gridspec_kw={"width_ratios": [1.5, 1]})
     ax.set_xlim(-0.6, 4.6)
     ax.set_ylim(-1.0, 2.7)
     ax.axis("off")
@@ -166,7 +166,7 @@ def pointer_tour(ax, points, tour, **kw):
 def pointer_training_figure(curves, path):
     """Validation curves: ``curves`` = [(label, history, key)], key 'gap' (left, log) or
     'accuracy' (right)."""
-    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.0))
+    fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.0))
     for label, history, key in curves:
         ax = axes[0] if key == "gap" else axes[1]
         ax.plot([e["step"] for e in history], [e[key] for e in history], marker=".", label=label)
@@ -185,21 +185,23 @@ def pointer_training_figure(curves, path):
 
 def pointer_predictions_figure(tsp, hull, path):
     """Top row: TSP tours, ``tsp`` = [(points, optimal tour, predicted tour, title)]; bottom row:
-    hulls, ``hull`` = [(points, true hull, predicted polygon, title)]."""
-    fig, axes = plt.subplots(2, len(tsp), figsize=(7.2, 4.2))
-    for row, items, color, truth in ((0, tsp, "C3", "optimal"), (1, hull, "C0", "true hull")):
+    hulls, ``hull`` = [(points, true hull, predicted polygon, title)]. 700 px wide: the panels
+    take the whole width (the key is in the title, the row's name on its left)."""
+    fig, axes = plt.subplots(2, len(tsp), figsize=(7.0, 4.4))
+    for row, items, color, name in ((0, tsp, "C3", "TSP tours"), (1, hull, "C0", "convex hulls")):
         for ax, (p, exact, pred, title) in zip(axes[row], items):
-            pointer_tour(ax, p, exact, color="0.75", lw=5, label=truth)
-            pointer_tour(ax, p, pred, color=color, lw=1.5, label="Ptr-Net")
-            ax.scatter(p[:, 0], p[:, 1], c="k", s=10, zorder=3)
+            pointer_tour(ax, p, exact, color="0.75", lw=6)
+            pointer_tour(ax, p, pred, color=color, lw=1.6)
+            ax.scatter(p[:, 0], p[:, 1], c="k", s=14, zorder=3)
             ax.set_title(title, fontsize=9)
+        axes[row, 0].set_ylabel(name, fontsize=10)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_aspect("equal")
-    for row in (0, 1):
-        axes[row, -1].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("predicted (thin) vs exact (thick grey), fresh instances, n = 10", fontsize=10)
+        ax.margins(0.06)
+    fig.suptitle("fresh instances, n = 10: the Ptr-Net's answer (thin line) over the exact one"
+                 " (thick grey)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     return fig
@@ -208,7 +210,7 @@ def pointer_predictions_figure(tsp, hull, path):
 def pointer_attention_figure(points, path_taken, probs, path):
     """Left: the pointer distribution probs [steps, n] (red boxes: chosen); right: the tour."""
     n = probs.shape[1]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(7.2, 3.4), gridspec_kw={"width_ratios": [1.25, 1]})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(7.0, 3.4), gridspec_kw={"width_ratios": [1.25, 1]})
     im = ax.imshow(probs, cmap="viridis", vmin=0, vmax=1)
     ax.set_xlabel("input point j")
     ax.set_ylabel("decoding step i")
@@ -253,14 +255,15 @@ def pointer_widget_figure(points, path_taken, probs, steps, path):
     """The widget's frames for the static page: one panel per step in ``steps``."""
     cols = 3
     rows = -(-len(steps) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(7.2, 2.6 * rows))
+    # constrained layout keeps each row's titles clear of the square panels above them
+    fig, axes = plt.subplots(rows, cols, figsize=(7.0, 0.4 + 2.55 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(steps):]:
         ax.axis("off")
     for ax, i in zip(axes.flat, steps):
         pointer_draw_step(ax, points, path_taken, probs, i)
     fig.suptitle("one decode, step by step (size and colour: p(next); red x: chosen)",
                  fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     return fig
 
@@ -320,13 +323,28 @@ def search_diversity_quality_figure(sweep, path):
     base = sweep[0]
     ax.scatter(base["distinct2"], base["logp"], s=150, marker="*", color="k",
                label="beam search (G = 1)", zorder=3)
+    # points closer than 4% of the plot's extent share one label ("0.5, 1"): two labels
+    # there would sit on top of each other
+    xs, ys = [r["distinct2"] for r in sweep], [r["logp"] for r in sweep]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     for G, color in zip((2, 3, 6), ("C0", "C1", "C2")):
         rows = [r for r in sweep if r["G"] == G]
         ax.plot([r["distinct2"] for r in rows], [r["logp"] for r in rows], "o-", color=color,
                 label=f"diverse beam search, G = {G}")
-        for i, r in enumerate(rows):  # alternate sides so that neighbouring labels do not touch
-            ax.annotate(f"{r['penalty']:g}", (r["distinct2"], r["logp"]), textcoords="offset points",
-                        xytext=(6, 4) if i % 2 == 0 else (-6, -12), fontsize=9, color=color,
+        groups = []
+        for r in rows:
+            last = groups[-1][-1] if groups else None
+            if last and abs(r["distinct2"] - last["distinct2"]) / span_x < 0.04 \
+                    and abs(r["logp"] - last["logp"]) / span_y < 0.04:
+                groups[-1].append(r)
+            else:
+                groups.append([r])
+        for i, group in enumerate(groups):  # alternate sides so that neighbours do not touch
+            x = sum(r["distinct2"] for r in group) / len(group)
+            y = sum(r["logp"] for r in group) / len(group)
+            ax.annotate(", ".join(f"{r['penalty']:g}" for r in group), (x, y),
+                        textcoords="offset points", fontsize=9, color=color,
+                        xytext=(7, 3) if i % 2 == 0 else (-7, -11),
                         ha="left" if i % 2 == 0 else "right")
     ax.set_xlabel("distinct-2 of the 6 hypotheses (higher = more diverse)", fontsize=10)
     ax.set_ylabel("mean log p per token (target)", fontsize=10)
@@ -401,7 +419,7 @@ def ring_idea_figure(path, layouts=("contiguous", "zigzag", "striped"), N=32, P=
         ax.set_title(layout, fontsize=10)
         ax.set_xlabel("key", fontsize=9)
         ax.set_ylabel("query", fontsize=9)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(labelsize=9)
     _save(fig, path)
 
 
@@ -425,7 +443,7 @@ def ring_step_panels(axes, N, P, layout, step):
     axes[1].set_title(f"tiles, step {step}", fontsize=10)
     axes[1].set_xlabel("key", fontsize=9)
     axes[1].set_ylabel("query", fontsize=9)
-    axes[1].tick_params(labelsize=8)
+    axes[1].tick_params(labelsize=9)
 
 
 def ring_steps_figure(path, N=16, P=4, layout="zigzag"):
@@ -650,6 +668,9 @@ def speculative_theory_figure(alphas, c, tokens_fn, speedup_fn, path, gammas=ran
     ax[0].set_title("(1 - a^(g+1)) / (1 - a)", fontsize=10)
     ax[1].set(xlabel="gamma", ylabel="wall-clock gain")
     ax[1].set_title(f"gain / (g c + 1), c = {c:.3f}", fontsize=10)
+    from matplotlib.ticker import MaxNLocator
+    for a in ax:  # gamma is a whole number of drafts
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.legend(*ax[0].get_legend_handles_labels(), loc="outside right center", fontsize=9)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -667,20 +688,27 @@ def speculative_gamma_figure(rows, alpha, path):
 
 
 def speculative_origins_figure(prompt_text, text, kinds, tokens_per_call, acceptance, path):
-    """Generated text coloured by origin: 'a' accepted draft, 'r' correction, 'b' bonus."""
+    """Generated text coloured by origin: 'a' accepted draft, 'r' correction, 'b' bonus.
+    9-pt monospace, 82 characters a line; the figure is as tall as the text."""
     colour = {"a": "#2ca02c", "r": "#d62728", "b": "#1f77b4"}
-    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=DPI)
-    ax.axis("off")
-    x, y = 0.0, 1.0
+    per_line, char_w, line_h, left, head = 82, 0.08, 0.25, 0.17, 0.62  # inches
+    cells, col, row = [], 0, 0
     for ch, k in [(c, "p") for c in prompt_text] + list(zip(text, kinds)):
-        if ch == "\n":
-            x, y = 0.0, y - 0.085
-            continue
-        ax.text(x, y, ch, color=colour.get(k, "black"), family="monospace", fontsize=9, va="top",
-                weight="bold" if k != "p" else "normal")
-        x += 0.0113
-        if x > 0.98:
-            x, y = 0.0, y - 0.085
-    ax.set_title(f"tokens per target call {tokens_per_call:.2f}, acceptance {acceptance:.2f}\n"
-                 "(green accepted, red correction, blue bonus)", fontsize=9)
-    _save(fig, path)
+        if ch == "\n" or col == per_line:
+            col, row = 0, row + 1
+            if ch == "\n":
+                continue
+        cells.append((col, row, ch, k))
+        col += 1
+    rows = 1 + max((r for _, r, _, _ in cells), default=0)  # no trailing blank lines
+    height = head + line_h * rows
+    fig = plt.figure(figsize=(WIDTH, height), dpi=DPI)
+    for col, row, ch, k in cells:
+        fig.text((left + char_w * col) / WIDTH, 1 - (head + line_h * row) / height, ch,
+                 color=colour.get(k, "black"), family="monospace", fontsize=9, va="top",
+                 weight="bold" if k != "p" else "normal")
+    fig.text(0.5, 1 - 0.12 / height,
+             f"tokens per target call {tokens_per_call:.2f}, acceptance {acceptance:.2f}\n"
+             "(green accepted, red correction, blue bonus)", ha="center", va="top", fontsize=9)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)

@@ -267,7 +267,8 @@ def main(argv=None):
     sent = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]
     dist.all_gather(sent, torch.tensor([fwd_bytes], device=device))
     lines = [f"{args.scheme} attention, {size} ranks ({backend}), layout {layout}, "
-             f"causal {args.causal}, [B, H, N, D] = [{args.batch}, {args.heads}, {args.seq}, {args.dim}]",
+             f"causal {args.causal}",
+             f"[B, H, N, D] = [{args.batch}, {args.heads}, {args.seq}, {args.dim}]",
              "forward bytes sent per rank: " + ", ".join(f"{int(s.item()):,}" for s in sent),
              f"forward time: {sorted(times)[len(times) // 2] * 1e3:.1f} ms (median of {args.repeats})"]
     if args.check:

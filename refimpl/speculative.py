@@ -706,8 +706,7 @@ def speculative_generate(target, drafter, input_ids, *, max_new_tokens, gamma=4,
     KV caches back to the accepted prefix. ``greedy=True`` returns exactly the target's greedy
     output; otherwise the output law is the target's at ``temperature``.
     """
-    if not isinstance(drafter, Drafter):
-        drafter = DraftModel(drafter)
+    drafter = drafter if isinstance(drafter, Drafter) else DraftModel(drafter)
     check_generate_setup(target, drafter, input_ids, max_new_tokens, gamma,
                          temperature, greedy)
     L, total = input_ids.shape[1], input_ids.shape[1] + max_new_tokens

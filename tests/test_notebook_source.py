@@ -96,3 +96,38 @@ def test_exercises_end_the_chapter_with_a_checked_worked_solution(notebook):
     assert any("assert" in "".join(c["source"]) for c in solutions), \
         "the worked solution checks nothing: it needs an assert against an independent computation"
     assert not any("nbval-ignore-output" in c.get("metadata", {}).get("tags", []) for c in solutions)
+
+
+# ---- what fits the book's column (site/site_test.py measures the built pages) ----
+
+# Code and printed output are set in the theme's 14 px monospace, 8.4 px a character: the
+# narrowest code box (a collapsed cell at an 800 px window; the 1280 px column is widened by
+# notebooks/_static/book.css) holds 79.
+MAX_LINE_CHARS = 79
+
+
+def text_outputs(cell) -> list[str]:
+    """Printed text a cell's stored outputs show (streams, and text/plain where no richer form is:
+    an image, HTML or a widget, whose text/plain fallback neither the site nor JupyterLab shows)."""
+    out, richer = [], {"image/png", "text/html", "application/vnd.jupyter.widget-view+json"}
+    for o in cell.get("outputs", []):
+        data = o.get("data", {})
+        if o.get("output_type") == "stream":
+            out.append("".join(o["text"]))
+        elif "text/plain" in data and not richer & set(data):
+            out.append("".join(data["text/plain"]))
+    return out
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_code_lines_fit_the_column(notebook):
+    long = [(i, len(line)) for i, c in cells_of(notebook, "code")
+            for line in "".join(c["source"]).split("\n") if len(line) > MAX_LINE_CHARS]
+    assert not long, f"code lines over {MAX_LINE_CHARS} characters (cell, length): {long}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_printed_output_fits_the_column(notebook):
+    long = [(i, len(line)) for i, c in cells_of(notebook, "code") for text in text_outputs(c)
+            for line in text.split("\n") if len(line) > MAX_LINE_CHARS]
+    assert not long, f"printed lines over {MAX_LINE_CHARS} characters (cell, length): {long}"

@@ -46,7 +46,7 @@ MAX_HEAD_DIM = 128  # larger head dims would need smaller query/key tiles to fit
 
 @triton.jit
 def _tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
-    """Pointers to the tile base[rows, cols] and the mask of those in bounds."""
+    """Pointers to the tile base[rows, cols] and its in-bounds mask."""
     ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
     return ptrs, (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
 
@@ -65,7 +65,8 @@ def _attn_fwd_inner(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         # K^T tile [BLOCK_D, BLOCK_N], V tile [BLOCK_N, BLOCK_D]; keys >= S: 0
-        kt_ptrs, kt_ok = _tile(k_base, offs_d, cols, stride_kd, stride_ks, D, S)
+        kt_ptrs, kt_ok = _tile(k_base, offs_d, cols, stride_kd, stride_ks,
+                               D, S)
         kt = tl.load(kt_ptrs, mask=kt_ok, other=0.0)
         v_ptrs, v_ok = _tile(v_base, cols, offs_d, stride_vs, stride_vd, S, D)
         v = tl.load(v_ptrs, mask=v_ok, other=0.0)
