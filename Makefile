@@ -20,21 +20,29 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Unit tests, kernels (TRITON_INTERPRET=1 without CUDA, set in tests/conftest.py),
-# the mirror test and strict nbval over every notebook, in one pytest run.
+BUILD_BOOK := $(VENV)/bin/jupyter-book build notebooks --config $(CURDIR)/book.yml \
+	--toc $(CURDIR)/notebooks/_toc.yml --path-output $(CURDIR) -W --keep-going
+
+# Unit tests, kernels (TRITON_INTERPRET=1 without CUDA, set in tests/conftest.py), the mirror test
+# and strict nbval over every notebook, in one pytest run; then the book is built and every page
+# checked in headless Chromium (site/site_test.py). Where Chromium is missing and cannot be
+# installed (no root), the browser checks are skipped with a message saying how to run them.
 test: setup
 	OMP_NUM_THREADS=$(NB_THREADS) REFIMPL_TEST_THREADS=$(TEST_THREADS) $(PY) -m pytest tests $(NOTEBOOKS) --nbval \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env -p no:cacheprovider
+	$(BUILD_BOOK) --quiet
+	$(PY) site/site_test.py --if-chromium _build/html
 
 # The static site from the notebooks' stored outputs; open _build/html/index.html.
 book: setup
-	$(VENV)/bin/jupyter-book build notebooks --config $(CURDIR)/book.yml --toc $(CURDIR)/notebooks/_toc.yml \
-		--path-output $(CURDIR) -W --keep-going
+	$(BUILD_BOOK)
 	@echo "Open _build/html/index.html"
 
-# Open every page of the built book in headless Chromium, offline (installs Debian's chromium if
-# missing); fails on console errors, missing images, unrendered math or chapter pages without
-# headings; screenshots go to _build/screenshots/.
+# Open every page of the built book in headless Chromium, offline, at a 1280 x 900 and an 800 px
+# window (installs Debian's chromium if missing). Fails on console errors, missing images, math
+# not typeset, a $ or prose swallowed into math, code, output, tables or equations wider than the
+# column, figures shown below 70% of their width, the same image twice in a row, chapter pages
+# without headings; screenshots of each page as the window shows it go to _build/screenshots/.
 site-test: book
 	$(PY) site/site_test.py _build/html
 

@@ -1,16 +1,23 @@
-"""Open every page of the built book in headless Chromium, offline, and check it.
+"""Open every page of the built book in headless Chromium, offline, and check what a reader sees.
 
-Usage: python site/site_test.py _build/html
+Usage: python site/site_test.py [--if-chromium] _build/html [PAGE.html ...]
 
-Serves the site on 127.0.0.1, drives Chromium over its DevTools protocol
-(websocket-client) and fails on: a console error or uncaught exception, a failed
-request, a request leaving localhost, a broken image, unrendered math (a `.math`
-element MathJax did not typeset, or raw `$...$` / `\\(` left in prose), or a chapter
-page (NN_*.html) without its h1 and section headings. Screenshots go to
-_build/screenshots/<page>.png. Installs Debian's chromium with apt-get if missing.
+Serves the site on 127.0.0.1 and drives Chromium over its DevTools protocol (websocket-client),
+in a 1280 x 900 window and again at 800 px. Fails on: a console error or uncaught exception, a
+failed request or one leaving localhost, a broken image, math MathJax did not typeset, raw TeX
+or a `$` left in the prose, prose swallowed into math (plain words in the typeset TeX), code or
+output blocks, tables or display equations wider than their column (`scrollWidth`), figures on a
+chapter page shown below 70% of their natural width, the same image twice in a row, a chapter
+page (NN_*.html) without its h1 and section headings. Before the book, a self-check page with
+one of each defect must trip every check. Screenshots of each page as the window shows it
+(screen by screen, stacked) go to _build/screenshots/<page>.png and <page>@800.png.
+
+Installs Debian's chromium with apt-get if missing; with --if-chromium, where it cannot (no
+root), prints that the browser checks were skipped and how to run them, and exits 0.
 """
 import base64
 import functools
+import io
 import http.server
 import json
 import os
@@ -25,31 +32,69 @@ import time
 import urllib.request
 
 import websocket
+from PIL import Image
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("SITE_TEST_CHROMIUM", "/usr/bin/chromium")  # the path apt-get installs to
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
          "--disable-default-apps", "--disable-extensions", "--mute-audio"]
-WIDTH, HEIGHT, MAX_SHOT_HEIGHT = 1280, 900, 6000
+WIDTH, HEIGHT, MAX_SHOT_HEIGHT = 1280, 900, 50000
+WIDTHS = (WIDTH, 800)   # the window a reader on a laptop has, and a narrow one
 PAGE_TIMEOUT_S = 60
 
 # Run in the page once it has loaded and MathJax (if any) has finished typesetting.
 CHECK_JS = r"""
 (() => {
+  const article = document.querySelector('article') || document.body;
   const skip = 'pre, code, script, style, .cell_output, .output, mjx-container, .MathJax';
   const texts = [];
-  const walker = document.createTreeWalker(document.querySelector('article') || document.body,
-                                           NodeFilter.SHOW_TEXT);
+  const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
   for (let n = walker.nextNode(); n; n = walker.nextNode()) {
     if (!n.parentElement.closest(skip)) texts.push(n.textContent);
   }
   const prose = texts.join(' ');
   const raw = [];
-  for (const re of [/\\\(.{0,40}/g, /\\\[.{0,40}/g, /\$\$.{0,40}/g, /\$[^$\s][^$\n]{0,80}\$/g]) {
+  for (const re of [/\\\(.{0,40}/g, /\\\[.{0,40}/g, /.{0,30}\$.{0,30}/g]) {
     for (const m of prose.matchAll(re)) raw.push(m[0]);
   }
+  // Prose swallowed into math: the TeX MathJax typeset holds plain words (runs of four or more
+  // letters that are not a \command and not inside \text{...}, \mathrm{...} and the like).
+  const tex = (window.MathJax && MathJax.startup && MathJax.startup.document)
+    ? [...MathJax.startup.document.math].map(m => m.math) : [];
+  const textual = /\\(begin|end|text|mathrm|operatorname|mathtt|texttt|mbox|textrm|mathit|textit)\s*\{[^{}]*\}/g;
+  const words = tex.map(t => [t, t.replace(textual, ' ').replace(/\\[A-Za-z]+/g, ' ').match(/[A-Za-z]{4,}/g)])
+                   .filter(([t, w]) => w)
+                   .map(([t, w]) => `${w.slice(0, 3).join(' ')} in "${t.slice(0, 60)}"`);
   const maths = [...document.querySelectorAll('.math')];
-  const article = document.querySelector('article') || document.body;
+  const describe = e => (e.textContent || '').trim().replace(/\s+/g, ' ').slice(0, 50);
+  // Code and output blocks whose lines run past their box (the reader would have to scroll).
+  const blocks = [...article.querySelectorAll('pre')].filter(e => e.offsetParent !== null);
+  const overflow = blocks.filter(e => e.scrollWidth > e.clientWidth + 1)
+                         .map(e => `${e.scrollWidth}>${e.clientWidth} px: "${describe(e)}"`);
+  const column = article.clientWidth;
+  const wideMath = [...article.querySelectorAll('mjx-container[display="true"]')]
+    .filter(m => m.scrollWidth > m.clientWidth + 1
+                 || m.getBoundingClientRect().right > article.getBoundingClientRect().right + 1)
+    .map(m => `${m.scrollWidth}>${m.clientWidth} px: "${describe(m)}"`);
+  const tables = [...article.querySelectorAll('table')]
+    .filter(t => t.getBoundingClientRect().width > column + 1 || t.scrollWidth > t.clientWidth + 1
+                 || (t.parentElement && t.parentElement.scrollWidth > t.parentElement.clientWidth + 1))
+    .map(t => `${Math.round(t.getBoundingClientRect().width)} px in a ${column} px column: "${describe(t)}"`);
+  const imgs = [...article.querySelectorAll('img')];
+  const shrunk = imgs.filter(i => i.naturalWidth > 0 && i.clientWidth < 0.7 * i.naturalWidth)
+    .map(i => `${i.getAttribute('src').split('/').pop().slice(0, 16)} shown at ${i.clientWidth}`
+              + ` of ${i.naturalWidth} px`);
+  // Two images in a row with nothing but whitespace or output boxes between them, same file.
+  const doubled = [];
+  for (let k = 1; k < imgs.length; k++) {
+    if (imgs[k].getAttribute('src') !== imgs[k - 1].getAttribute('src')) continue;
+    const range = document.createRange();
+    range.setStartAfter(imgs[k - 1]);
+    range.setEndBefore(imgs[k]);
+    const between = range.cloneContents();
+    if (!between.querySelector('h1, h2, h3, h4, p, pre, table, li') && !between.textContent.trim())
+      doubled.push(imgs[k].getAttribute('src').split('/').pop().slice(0, 16));
+  }
   return {
     title: document.title,
     h1: [...article.querySelectorAll('h1')].map(h => h.textContent.replace('#', '').trim()),
@@ -63,6 +108,13 @@ CHECK_JS = r"""
     mjx: document.querySelectorAll('mjx-container').length,
     mathjaxErrors: document.querySelectorAll('mjx-merror').length,
     rawMath: raw.slice(0, 5),
+    proseInMath: words.slice(0, 5),
+    overflow: overflow,
+    wideTables: tables,
+    wideMath: wideMath,
+    shrunkImages: shrunk,
+    doubledImages: doubled,
+    column: column,
     height: Math.ceil(document.documentElement.scrollHeight),
   };
 })()
@@ -79,14 +131,26 @@ WAIT_MATHJAX_JS = """
 """
 
 
-def ensure_chromium():
+def ensure_chromium(optional=False):
+    """True once Chromium is at CHROMIUM: installs Debian's with apt-get if missing (as root, or
+    with a sudo that asks no password). With ``optional``, False where it cannot be installed."""
     if os.path.exists(CHROMIUM):
-        return
-    print("installing chromium with apt-get ...", flush=True)
+        return True
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env)
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if sudo and shutil.which("sudo") is None or shutil.which("apt-get") is None:
+        if optional:
+            return False
+        raise SystemExit(f"{CHROMIUM} is missing and cannot be installed here (needs apt-get as root)")
+    print("installing chromium with apt-get ...", flush=True)
+    try:
+        subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env)
+    except subprocess.CalledProcessError:
+        if optional and sudo:
+            return False
+        raise
+    return True
 
 
 def free_port():
@@ -135,8 +199,6 @@ class Browser:
         self.events = []
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable")
-        self.call("Emulation.setDeviceMetricsOverride",
-                  width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
 
     def call(self, method, **params):
         self.next_id += 1
@@ -226,38 +288,122 @@ def problems_from_events(events, origin):
     return out
 
 
-def check_page(browser, origin, rel, shots):
+def screenshot(browser, height):
+    """The page as a window of the current size shows it: one viewport capture per screenful,
+    scrolled with window.scrollTo, so the fixed sidebars stand where a reader sees them; stacked
+    into one tall PNG. The sticky bar atop the article would cover the first lines of every later
+    screen, so those are taken one bar-height short and pasted below it."""
+    width, view, bar = browser.evaluate(
+        "[window.innerWidth, window.innerHeight, Math.ceil((document.querySelector('.bd-header-article')"
+        " || {getBoundingClientRect: () => ({height: 0})}).getBoundingClientRect().height)]")
+    height = min(height, MAX_SHOT_HEIGHT)
+    sheet = Image.new("RGB", (width, height), "white")
+    top = 0
+    while True:
+        browser.evaluate(f"window.scrollTo(0, {top})")
+        browser.drain(0.1)
+        shown = browser.evaluate("window.scrollY")  # the last screen stops at the page's end
+        shot = Image.open(io.BytesIO(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])))
+        skip = 0 if top == 0 else bar
+        sheet.paste(shot.crop((0, skip, width, view)), (0, round(shown) + skip))
+        if shown + view >= height or top + view >= height:
+            break
+        top += view - bar
+    browser.evaluate("window.scrollTo(0, 0)")
+    return sheet
+
+
+def load(browser, origin, rel, width):
+    browser.call("Emulation.setDeviceMetricsOverride", width=width, height=HEIGHT, deviceScaleFactor=1,
+                 mobile=False)
     browser.events.clear()
     browser.call("Page.navigate", url=f"{origin}/{rel}")
     browser.wait_event("Page.loadEventFired", PAGE_TIMEOUT_S)
     engine = browser.evaluate(WAIT_MATHJAX_JS, await_promise=True)
     browser.drain(0.5)
-    info = browser.evaluate(CHECK_JS)
-    problems = problems_from_events(browser.events, origin)
-    if info["brokenImages"]:
-        problems.append(f"broken images: {info['brokenImages']}")
-    if info["mathElements"] and engine != "mathjax":
-        problems.append(f"{info['mathElements']} math elements but MathJax did not load")
-    if info["untypesetMath"]:
-        problems.append(f"math not typeset: {info['untypesetMath'][:3]}")
-    if info["mathjaxErrors"]:
-        problems.append(f"{info['mathjaxErrors']} MathJax errors (mjx-merror)")
-    if info["rawMath"]:
-        problems.append(f"raw TeX left in the text: {info['rawMath']}")
+    return engine, browser.evaluate(CHECK_JS)
+
+
+def check_page(browser, origin, rel, shots):
+    """Every check at the 1280 px window, the layout checks again at 800 px; a screenshot of each."""
     name = pathlib.PurePosixPath(rel).name
-    if name[:2].isdigit() and name[2] == "_" and (not info["h1"] or not info["h2"]):
-        problems.append(f"chapter page without headings: h1={info['h1']} h2={info['h2']}")
-    height = min(max(info["height"], HEIGHT), MAX_SHOT_HEIGHT)
-    shot = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                        clip={"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1})
-    out = shots / (rel.replace("/", "__").removesuffix(".html") + ".png")
-    out.write_bytes(base64.b64decode(shot["data"]))
-    return info, problems
+    chapter = name[:2].isdigit() and name[2] == "_"
+    problems = []
+    for width in WIDTHS:
+        engine, info = load(browser, origin, rel, width)
+        at = f"at {width} px: "
+        if width == WIDTH:
+            first = info
+            problems += problems_from_events(browser.events, origin)
+            if info["brokenImages"]:
+                problems.append(f"broken images: {info['brokenImages']}")
+            if info["mathElements"] and engine != "mathjax":
+                problems.append(f"{info['mathElements']} math elements but MathJax did not load")
+            if info["untypesetMath"]:
+                problems.append(f"math not typeset: {info['untypesetMath'][:3]}")
+            if info["mathjaxErrors"]:
+                problems.append(f"{info['mathjaxErrors']} MathJax errors (mjx-merror)")
+            if info["rawMath"]:
+                problems.append(f"raw TeX or a $ left in the text: {info['rawMath']}")
+            if info["proseInMath"]:
+                problems.append(f"prose typeset as math: {info['proseInMath']}")
+            if chapter and (not info["h1"] or not info["h2"]):
+                problems.append(f"chapter page without headings: h1={info['h1']} h2={info['h2']}")
+            if chapter and info["shrunkImages"]:
+                problems.append(f"figures shown below 70% of their width: {info['shrunkImages']}")
+            if info["doubledImages"]:
+                problems.append(f"the same image twice in a row: {info['doubledImages']}")
+        for key, what in (("overflow", "code or output wider than its box"),
+                          ("wideTables", "tables wider than the column"),
+                          ("wideMath", "display equations wider than the column")):
+            if info[key]:
+                problems.append(at + f"{len(info[key])} {what}: {info[key][:4]}")
+        suffix = "" if width == WIDTH else f"@{width}"
+        out = shots / (rel.replace("/", "__").removesuffix(".html") + suffix + ".png")
+        screenshot(browser, info["height"]).save(out)
+    return first, problems
+
+
+# A page with one of each defect the checks look for; every check must fire on it (a check that
+# cannot fail would pass any site). Served beside the book so it loads the book's own MathJax.
+SELF_CHECK_PAGE = "99_self_check.html"
+SELF_CHECK_HTML = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>self-check</title>
+<script defer src="_static/mathjax/tex-chtml.js"></script>
+<style>article {{ width: 600px; }} pre {{ width: 300px; overflow: auto; }}</style></head>
+<body><article><h1>Self-check</h1><h2>Every defect once</h2>
+<p>A dollar sign left over: $ and so on.</p>
+<p><span class="math notranslate nohighlight">\\(x + If one draft call costs\\)</span></p>
+<div class="math notranslate nohighlight">\\[{wide}\\]</div>
+<pre>{long_line}</pre>
+<table><tr><td style="white-space: nowrap">{long_line}</td></tr></table>
+<p><img src="_self_check.png" style="width: 100px"><img src="_self_check.png" style="width: 100px"></p>
+</article></body></html>
+"""
+SELF_CHECK_EXPECT = {  # a word of each problem message -> the check that writes it
+    "a $ left": "raw TeX or a $ left in the text", "prose in math": "prose typeset as math",
+    "wide math": "display equations wider than the column", "wide code": "code or output wider than its box",
+    "wide table": "tables wider than the column", "shrunk figure": "figures shown below 70%",
+    "doubled figure": "the same image twice in a row"}
+
+
+def self_check(browser, origin, root, shots):
+    """Run check_page on SELF_CHECK_PAGE; the names of the checks that did not fire."""
+    Image.new("RGB", (400, 50), "gray").save(root / "_self_check.png")
+    wide = "\\begin{aligned}" + " + ".join(f"x_{{{i}}}" for i in range(80)) + "\\end{aligned}"
+    (root / SELF_CHECK_PAGE).write_text(SELF_CHECK_HTML.format(wide=wide, long_line="x" * 200))
+    try:
+        _, problems = check_page(browser, origin, SELF_CHECK_PAGE, shots)
+    finally:
+        (root / SELF_CHECK_PAGE).unlink()
+        (root / "_self_check.png").unlink()
+    return [name for name, text in SELF_CHECK_EXPECT.items() if not any(text in p for p in problems)]
 
 
 def main(argv):
-    if len(argv) != 2:
-        raise SystemExit("usage: python site/site_test.py _build/html")
+    optional = "--if-chromium" in argv
+    argv = [a for a in argv if a != "--if-chromium"]
+    if len(argv) < 2:
+        raise SystemExit("usage: python site/site_test.py [--if-chromium] _build/html [PAGE.html ...]")
     root = pathlib.Path(argv[1]).resolve()
     if not (root / "index.html").is_file():
         raise SystemExit(f"{root} has no index.html: run `make book` first")
@@ -265,19 +411,28 @@ def main(argv):
     shutil.rmtree(shots, ignore_errors=True)
     shots.mkdir(parents=True)
     pages = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.html")
-                   if not p.relative_to(root).parts[0].startswith("_"))
-    ensure_chromium()
+                   if not p.relative_to(root).parts[0].startswith("_")
+                   and (len(argv) == 2 or p.relative_to(root).as_posix() in argv[2:]))
+    if not ensure_chromium(optional):
+        print(f"SKIPPED the browser checks of the built site: no {CHROMIUM}, and apt-get could not install it\n"
+              f"(it needs root). To run them: sudo apt-get install chromium && make site-test")
+        return 0
     server = serve(root)
     origin = f"http://127.0.0.1:{server.server_address[1]}"
     browser = Browser()
     failed = 0
     start = time.time()
     try:
+        missed = self_check(browser, origin, root, shots)
+        print(f"{'FAIL' if missed else 'ok':4} {SELF_CHECK_PAGE:40} (every check fires on a page with each defect)")
+        if missed:
+            print(f"     - checks that did not fire: {missed}")
+        failed += bool(missed)
         for rel in pages:
             info, problems = check_page(browser, origin, rel, shots)
             status = "FAIL" if problems else "ok"
             print(f"{status:4} {rel:40} h2={len(info['h2']):2} images={info['images']:2} "
-                  f"math={info['mathElements']:3} typeset={info['mjx']:3}", flush=True)
+                  f"math={info['mathElements']:3} typeset={info['mjx']:3} column={info['column']} px", flush=True)
             for p in problems:
                 print(f"     - {p}")
             failed += bool(problems)
