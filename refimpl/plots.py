@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 DPI, WIDTH = 100, 7.0  # 7 inches at 100 dpi: the ~700 px of the site's column, 9-pt text legible
 
@@ -668,7 +669,6 @@ def speculative_theory_figure(alphas, c, tokens_fn, speedup_fn, path, gammas=ran
     ax[0].set_title("(1 - a^(g+1)) / (1 - a)", fontsize=10)
     ax[1].set(xlabel="gamma", ylabel="wall-clock gain")
     ax[1].set_title(f"gain / (g c + 1), c = {c:.3f}", fontsize=10)
-    from matplotlib.ticker import MaxNLocator
     for a in ax:  # gamma is a whole number of drafts
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.legend(*ax[0].get_legend_handles_labels(), loc="outside right center", fontsize=9)
