@@ -15,6 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
 FIGURES = Path(__file__).resolve().parent.parent / "figures"
@@ -31,16 +32,25 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def interleaved_seconds(*fns, repeats: int = 5) -> list[float]:
-    """Median seconds of each function, timed in turn (a, b, c, a, b, c, ...) after one warm-up
-    call each, so that a slow spell of a shared machine hits them all alike."""
-    for fn in fns:
+def paired_seconds(fns: dict, repeats: int) -> dict:
+    """Per function, its seconds in each of ``repeats`` rounds; a round calls every function once,
+    back to back (after one warm-up call each), so that the ratio of two functions in one round
+    compares adjacent calls and a slow spell of a shared machine hits both alike."""
+    for fn in fns.values():
         fn()
-    times = [[] for _ in fns]
+    times = {m: [] for m in fns}
     for _ in range(repeats):
-        for fn, t in zip(fns, times):
-            t.append(median_seconds(fn, 1, warmup=0))
-    return [statistics.median(t) for t in times]
+        for m, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[m].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_seconds(*fns, repeats: int = 5) -> list[float]:
+    """Median seconds of each function over ``paired_seconds``' rounds (a, b, c, a, b, c, ...)."""
+    times = paired_seconds(dict(enumerate(fns)), repeats)
+    return [statistics.median(times[i]) for i in range(len(fns))]
 
 
 def environment() -> dict:
@@ -49,16 +59,29 @@ def environment() -> dict:
             "cuda": torch.cuda.is_available()}
 
 
-def write_results(chapter: str, results: dict, fig) -> Path:
+def write_results(chapter: str, results: dict, plot) -> Path:
+    """figures/bench_CHAPTER.json: the results with the environment they were measured in; and
+    figures/bench_CHAPTER.png, drawn by ``plot`` from that same dict (as ``redraw`` does later)."""
     FIGURES.mkdir(exist_ok=True)
+    results = {"environment": environment(), **results}
     path = FIGURES / f"bench_{chapter}.json"
-    path.write_text(json.dumps({"environment": environment(), **results}, indent=2) + "\n")
-    save_figure(chapter, fig)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    save_figure(chapter, plot(results))
     return path
 
 
 def save_figure(chapter: str, fig) -> None:
     fig.savefig(FIGURES / f"bench_{chapter}.png", dpi=100)
+    plt.close(fig)
+
+
+def redraw(chapter: str):
+    """The figure of benchmark ``chapter`` drawn again by its ``plot`` from the committed JSON;
+    None if that benchmark has not written one."""
+    path = FIGURES / f"bench_{chapter}.json"
+    if not path.is_file():
+        return None
+    return importlib.import_module(f"refimpl.benchmarks.{chapter}").plot(json.loads(path.read_text()))
 
 
 def print_table(rows: list[dict]) -> None:
@@ -83,19 +106,22 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (default 1: one decoding stream per core)")
     parser.add_argument("--plot", action="store_true",
-                        help="only redraw figures/bench_CHAPTER.png from its JSON (benchmarks with a plot())")
+                        help="only redraw figures/bench_CHAPTER.png from its committed JSON")
     args = parser.parse_args(argv)
+    names = BENCHMARKS if args.chapter == "all" else [args.chapter]
     if args.plot:
-        for name in BENCHMARKS if args.chapter == "all" else [args.chapter]:
-            module = importlib.import_module(f"refimpl.benchmarks.{name}")
-            if hasattr(module, "plot"):
-                save_figure(name, module.plot(json.loads((FIGURES / f"bench_{name}.json").read_text())))
+        for name in names:
+            fig = redraw(name)
+            if fig is None:
+                print(f"no figures/bench_{name}.json: run python -m refimpl.bench {name} first")
+            else:
+                save_figure(name, fig)
                 print(f"redrew figures/bench_{name}.png")
         return
     torch.set_num_threads(args.threads)
     if not torch.cuda.is_available():
         print("No CUDA device: timing the torch CPU paths (Triton kernels are timed only on a GPU).")
-    for name in BENCHMARKS if args.chapter == "all" else [args.chapter]:
+    for name in names:
         print(f"== {name} ==")
         importlib.import_module(f"refimpl.benchmarks.{name}").run()
 

@@ -174,9 +174,7 @@ def run() -> dict:
     rows = [r for case in tqdm(CASES, desc="kernels") for r in case("cuda")]
     print_table(rows)
     results = {"device": torch.cuda.get_device_name(), "rows": rows}
-    fig = figure(rows, results["device"])
-    write_results("kernels_gpu", results, fig)
-    plt.close(fig)
+    write_results("kernels_gpu", results, lambda r: figure(r["rows"], r["device"]))
     return results
 
 

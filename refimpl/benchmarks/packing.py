@@ -12,20 +12,18 @@ import functools
 import math
 import random
 import statistics
-import time
 
 import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from refimpl.bench import print_table, write_results
+from refimpl.bench import paired_seconds, print_table, write_results
 from refimpl.data import CharTokenizer, load_corpus
 from refimpl.lm import load
 from refimpl.packing import pack_prompts, padding_free_prefill, varlen_attention
 
 PREPACKING_REPO = {"speedup": 5.2, "memory_saving": 7.6, "gpu": "A6000", "model": "1.3B",
                    "dataset": "MMLU", "batch_size": 64}
-METHODS = ("padded", "prepacked", "padding-free", "per-sequence")
 # "per-sequence" is padding-free with one SDPA call per sequence (group_size=1), the
 # chapter's first version: the same work as "padding-free", more Python and smaller calls.
 
@@ -78,7 +76,6 @@ def peak_bytes(fn) -> int:
     return _status("VmHWM") - before
 
 
-@torch.no_grad()
 def per_sequence_prefill(model, prompts):
     """Padding-free prefill whose attention makes one SDPA call per sequence."""
     return padding_free_prefill(model, prompts, functools.partial(varlen_attention, group_size=1))
@@ -86,21 +83,7 @@ def per_sequence_prefill(model, prompts):
 
 PREFILLS = {"padded": padded_prefill, "prepacked": prepacked_prefill,
             "padding-free": padding_free_prefill, "per-sequence": per_sequence_prefill}
-
-
-def paired_seconds(fns: dict, repeats: int) -> dict:
-    """Per method, its seconds in each of ``repeats`` rounds; a round calls every method once,
-    back to back (after one warm-up call each), so that the ratio of two methods in one round
-    compares adjacent calls and a slow spell of a shared machine hits both alike."""
-    for fn in fns.values():
-        fn()
-    times = {m: [] for m in fns}
-    for _ in range(repeats):
-        for m, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[m].append(time.perf_counter() - start)
-    return times
+METHODS = tuple(PREFILLS)
 
 
 def time_batch(model, prompts, repeats: int) -> dict:
@@ -157,9 +140,11 @@ def mallopt_for_timing():
     libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
 
-def packing_bench_figure(rows, batch):
-    """Time, memory and efficiency of each method at one batch size, per distribution."""
-    last = [r for r in rows if r["batch"] == batch]
+def plot(results):
+    """figures/bench_packing.png from the results (also from the JSON): time, memory and
+    efficiency of each method at the largest batch size, per distribution."""
+    batch = max(r["batch"] for r in results["rows"])
+    last = [r for r in results["rows"] if r["batch"] == batch]
     fig, axes = plt.subplots(1, 3, figsize=(7, 3.6))
     width = 0.2
     for k, (key, label) in enumerate([("ms", "prefill time (ms)"), ("MB", "peak memory (MB)"),
@@ -175,7 +160,7 @@ def packing_bench_figure(rows, batch):
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(METHODS),
                fontsize=9, frameon=False, handlelength=1.2, columnspacing=1.0)
     fig.suptitle(f"Prefill of {batch} prompts, workbench target, CPU, "
-                 f"{torch.get_num_threads()} thread(s); medians of paired rounds", fontsize=10)
+                 f"{results['environment']['threads']} thread(s); medians of paired rounds", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
@@ -205,10 +190,8 @@ def run(batch_sizes=(16, 64), distributions=("uniform", "lognormal", "corpus"), 
     print(f"prepacking repository: {PREPACKING_REPO['speedup']}x time, {PREPACKING_REPO['memory_saving']}x "
           f"memory ({PREPACKING_REPO['model']} model, {PREPACKING_REPO['dataset']}, batch "
           f"{PREPACKING_REPO['batch_size']}, {PREPACKING_REPO['gpu']})")
-    fig = packing_bench_figure(rows, max(batch_sizes))
     results = {"rows": rows, "prepacking_repository": PREPACKING_REPO, "seed": seed, "repeats": repeats,
                "timing": "rounds of every method once, back to back, with glibc's default allocator; "
                          "medians over rounds; memory measured first, with M_MMAP_THRESHOLD 64 KiB"}
-    write_results("packing", results, fig)
-    plt.close(fig)
+    write_results("packing", results, plot)
     return results

@@ -120,7 +120,9 @@ def _row(spec, method, secs, gaps):
             "gap_max": gap["max"], "gap_mean": statistics.fmean(gaps)}
 
 
-def figure(decode):
+def plot(results):
+    """figures/bench_pointer.png from the results (also from the JSON): the decoding rows."""
+    decode = results["decoding"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7.2, 3.4))
     methods = list(dict.fromkeys(r["method"] for r in decode))
     sizes = sorted({r["n"] for r in decode})
@@ -147,7 +149,7 @@ def figure(decode):
     ax2.legend(mean, ["mean"], fontsize=8, loc="upper left")
     fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=len(methods),
                fontsize=8, frameon=False)
-    fig.suptitle(f"Ptr-Net decoding vs Held-Karp, CPU, {torch.get_num_threads()} thread(s)",
+    fig.suptitle(f"Ptr-Net decoding vs Held-Karp, CPU, {results['environment']['threads']} thread(s)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
@@ -167,7 +169,5 @@ def run(B: int = 256, sizes=(10, 20, 50), H: int = 128, repeats: int = 5) -> dic
     decode = decode_rows()
     print_table(decode)
     results.update(device="cuda" if cuda else "cpu", scores=kernel, decoding=decode)
-    fig = figure(decode)
-    write_results("pointer", results, fig)
-    plt.close(fig)
+    write_results("pointer", results, plot)
     return results

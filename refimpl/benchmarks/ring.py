@@ -134,9 +134,7 @@ def run() -> dict:
     for key in ("load_balance", "memory", "communication", "wall_time"):
         print(f"-- {key}")
         print_table(results[key])
-    fig = plot(results)
-    write_results("ring", results, fig)
-    plt.close(fig)
+    write_results("ring", results, plot)
     return results
 
 
@@ -191,5 +189,5 @@ def plot(results):
              .replace(" (materialised scores)", ", scores") for r in wt]
     ax.barh(short, [1e3 * r["seconds"] for r in wt], color="C2")
     ax.set_xlabel("ms (causal forward, N = 4096)")
-    ax.set_title(f"Wall time ({os.cpu_count()} cores, 1 thread each)", fontsize=10, loc="right")
+    ax.set_title(f"Wall time ({results['cpu_cores']} cores, 1 thread each)", fontsize=10, loc="right")
     return fig

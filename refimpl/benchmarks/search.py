@@ -58,7 +58,7 @@ def plot(results):
     shapes = ", ".join(name.removeprefix("gpt2 ").replace(", V=", " with V = ") for name in results["models"])
     ax.set_title(f"Beam search vs HF generate: GPT-2 {shapes}, random weights,\n"
                  f"batch {results['batch']}, prompt P, {results['new_tokens']} new tokens, "
-                 f"B beams in G groups, {results.get('threads', 1)} thread", fontsize=10)
+                 f"B beams in G groups, {results['environment']['threads']} thread", fontsize=10)
     ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.45, -0.16), ncol=3, frameon=False)
     fig.tight_layout()
     return fig
@@ -107,8 +107,6 @@ def run(batch: int = 2, new_tokens: int = 32, repeats: int = 5) -> dict:
     results = {"models": {name: dict(zip(("n_layer", "n_embd", "vocab_size"), shape))
                           for name, shape in MODELS.items()},
                "batch": batch, "new_tokens": new_tokens, "repeats": repeats,
-               "rows": rows, "threads": torch.get_num_threads()}
-    fig = plot(results)
-    write_results("search", results, fig)
-    plt.close(fig)
+               "rows": rows}
+    write_results("search", results, plot)
     return results

@@ -42,8 +42,7 @@ def plot(results):
     top.set_xlabel("speed-up over autoregressive decoding (wall clock)")
     top.set_title("Every drafter on one prompt\n(blue: greedy, orange: T = 1, green: copy task)",
                   fontsize=10)
-    c = results.get("c", {"draft model": results["c_draft"],
-                          "distilled draft model": results["c_distilled"]})
+    c = {"draft model": results["c_draft"], "distilled draft model": results["c_distilled"]}
     alpha = {"draft model": results["alpha_greedy"], "distilled draft model": results["alpha_greedy_distilled"]}
     for name, color in zip(alpha, ("C0", "C3")):
         part = [s for s in results["gamma_sweep"] if s["drafter"] == name]
@@ -185,8 +184,6 @@ def run(new_tokens: int = 160, repeats: int = 3, gammas=(1, 2, 3, 4, 6, 8)) -> d
     for name in models:
         print(f"{name}: c = {c[name]:.3f}, greedy alpha = {alpha[name]:.3f}")
 
-    results.update(copy_task_gamma_sweep=copy_sweep, c={name: c[name] for name in models})
-    fig = plot(results)
-    write_results("speculative", results, fig)
-    plt.close(fig)
+    results.update(copy_task_gamma_sweep=copy_sweep)
+    write_results("speculative", results, plot)
     return results

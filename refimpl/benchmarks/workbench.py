@@ -30,14 +30,20 @@ def run(prompt_len: int = 16, new_tokens: int = 128, repeats: int = 5) -> dict:
     ratio = cost["target"] / cost["draft"]
     print(f"draft is {ratio:.1f}x cheaper per generated token than target (KV cache, batch 1)")
 
+    results = {"prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows,
+               "draft_cost_ratio": ratio}
+    write_results("workbench", results, plot)
+    return results
+
+
+def plot(results):
+    """figures/bench_workbench.png from the results (also from the JSON)."""
+    rows = results["rows"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = [f"{r['model']}\n{'KV cache' if r['kv_cache'] else 'no cache'}" for r in rows]
     ax.bar(labels, [r["tokens_per_s"] for r in rows], color=["C0", "C1", "C0", "C1"])
     ax.set_ylabel("tokens / s (greedy, batch 1)")
-    ax.set_title(f"Workbench generation, {new_tokens} tokens, {torch.get_num_threads()} thread(s)")
+    ax.set_title(f"Workbench generation, {results['new_tokens']} tokens, "
+                 f"{results['environment']['threads']} thread(s)")
     fig.tight_layout()
-    results = {"prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows,
-               "draft_cost_ratio": ratio}
-    write_results("workbench", results, fig)
-    plt.close(fig)
-    return results
+    return fig
