@@ -23,9 +23,8 @@ import torch
 import torch.distributed as dist
 
 from refimpl.lm import check_real
-from refimpl.ring import (attend_shard, block_attention, block_attention_backward,
-                          merge_partials, shard_segments, positions_of, visible_tiles,
-                          FLOAT_DTYPES, LAYOUTS)
+from refimpl.ring import (attend_shard, attend_shard_backward, block_attention, empty_partial,
+                          merge_partials, shard_segments, positions_of, FLOAT_DTYPES, LAYOUTS)
 
 DEFAULT_TIMEOUT = timedelta(seconds=60)
 
@@ -87,8 +86,7 @@ def unshard(x_local, layout, group=None):
 def ring_forward_dist(q, k, v, segs, *, causal, sm_scale, group, timeout, stats):
     """This rank's forward ring; returns (out fp32, lse). ``segs`` are all ranks' segments."""
     rank, size, _, _ = _peers(group)
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+    out, lse = empty_partial(q)
     kv = torch.stack([k, v])
     for t in range(size):
         if t < size - 1:
@@ -114,13 +112,8 @@ def ring_backward_dist(q, k, v, out, lse, dout, segs, *, causal, sm_scale, group
         src = (rank - t) % size
         if t < size - 1:
             kv_works, kv_in = _post_exchange(kv, group, stats)
-        for _, _, rows, cols, offset, _ in visible_tiles(segs[rank], segs[src], causal):
-            g = block_attention_backward(q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :],
-                                         dout[..., rows, :], lse[..., rows], delta[..., rows],
-                                         sm_scale=sm_scale, causal_offset=offset)
-            dq[..., rows, :] += g[0]
-            dkv[0][..., cols, :] += g[1]
-            dkv[1][..., cols, :] += g[2]
+        attend_shard_backward(q, kv[0], kv[1], dout, lse, delta, (dq, dkv[0], dkv[1]), segs[rank],
+                              segs[src], causal=causal, sm_scale=sm_scale)
         if size > 1:  # dK, dV follow their K, V one hop behind; the last hop takes them home
             dkv_works, dkv_in = _post_exchange(dkv, group, stats)
             _wait(dkv_works, timeout)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from refimpl.lm import (KVCache, TinyGPT, additive_mask, causal_mask, check_ids, check_int, check_real,
+from refimpl.lm import (KVCache, additive_mask, causal_mask, check_ids, check_int, check_real,
                         shape_or_type)
 
 
