@@ -5,21 +5,24 @@ One section per chapter; each function carries its chapter's prefix (``workbench
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Circle, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 DPI, WIDTH = 100, 7.0  # 7 inches at 100 dpi: the ~700 px of the site's column, 9-pt text legible
 
 
-def _save(fig, path):
-    """Lay out, save at DPI and close: the notebook shows the file, so the page has one copy."""
-    fig.tight_layout()
+def _save(fig, path, close=True, **layout):
+    """Lay out (``layout`` goes to tight_layout), save at DPI and close: the notebook shows the
+    file, so the page has one copy. ``close=False`` leaves the figure open for ``plt.show()``."""
+    fig.tight_layout(**layout)
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    if close:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,8 +88,7 @@ def workbench_kv_cache_figure(path: Path, t: int = 6):
     fig.legend(handles, ["computed at this step", "read from the cache",
                          "computed at an earlier step"], loc="lower center", ncol=3,
                fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path)
+    _save(fig, path, close=False, rect=(0, 0.07, 1, 1))
     return fig
 
 def workbench_training_figure(records: dict, path: Path, bar: float = 1.60):
@@ -105,8 +107,7 @@ def workbench_training_figure(records: dict, path: Path, bar: float = 1.60):
     ax.set_ylabel("cross-entropy (nats/char)")
     ax.set_ylim(1.0, 3.0)
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path, close=False)
     return fig
 
 
@@ -153,8 +154,7 @@ def pointer_idea_figure(path):
     bx.set_title("the output: a distribution over inputs", fontsize=10)
     bx.annotate("points at\ninput 4 (0.38)", (3.6, 0.8), (0.6, 0.55), fontsize=9,
                 arrowprops={"arrowstyle": "->", "color": "C3"})
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path, close=False)
     return fig
 
 
@@ -179,8 +179,7 @@ def pointer_training_figure(curves, path):
         ax.legend(fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle("validation curves of the committed checkpoints", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path, close=False)
     return fig
 
 
@@ -203,8 +202,7 @@ def pointer_predictions_figure(tsp, hull, path):
         ax.margins(0.06)
     fig.suptitle("fresh instances, n = 10: the Ptr-Net's answer (thin line) over the exact one"
                  " (thick grey)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path, close=False)
     return fig
 
 
@@ -229,8 +227,7 @@ def pointer_attention_figure(points, path_taken, probs, path):
     ax2.set_xticks([])
     ax2.set_yticks([])
     ax2.set_title("the decoded tour", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path, close=False)
     return fig
 
 
@@ -280,8 +277,7 @@ def pointer_curves_figure(curves, key, title, path, ylabel="validation accuracy"
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path, close=False)
     return fig
 
 
@@ -378,9 +374,6 @@ RING_COLORS = plt.cm.tab10.colors
 
 def ring_draw_ring(ax, P, holds=None, title=""):
     """P devices on a circle, arrows to the next; optionally the K/V block each one holds."""
-    import math
-
-    from matplotlib.patches import Circle
     ang = [math.pi / 2 - 2 * math.pi * r / P for r in range(P)]
     xy = [(math.cos(a), math.sin(a)) for a in ang]
     for r in range(P):
@@ -559,15 +552,10 @@ def _packing_segments(ax, segment_ids, cmap="tab20", labels=False):
 
 def packing_padded_figure(lengths, capacity, path):
     """The idea: the same prompts padded to a rectangle, prepacked into rows, padding-free."""
-    from refimpl.packing import first_fit_decreasing
+    from refimpl.packing import cumulative_lengths, first_fit_decreasing, layout_rows
     n, L = len(lengths), max(lengths)
     bins = first_fit_decreasing(lengths, capacity)
-    rows = torch.full((len(bins), max(sum(lengths[i] for i in b) for b in bins)), -1)
-    for r, b in enumerate(bins):
-        start = 0
-        for i in b:
-            rows[r, start:start + lengths[i]] = i
-            start += lengths[i]
+    rows = layout_rows([torch.zeros(m, dtype=torch.long) for m in lengths], bins)[2]
     padded = torch.tensor([[i if j < m else -1 for j in range(L)] for i, m in enumerate(lengths)])
     stream = torch.cat([torch.full((m,), i) for i, m in enumerate(lengths)])[None]
     fig, axes = plt.subplots(3, 1, figsize=(7, 5.6), height_ratios=[n, len(bins), 1.6])
@@ -580,7 +568,7 @@ def packing_padded_figure(lengths, capacity, path):
         _packing_segments(ax, seg)
         ax.set_title(title, fontsize=10)
         ax.set_yticks([])
-    cu = torch.tensor([0] + lengths).cumsum(0)
+    cu = cumulative_lengths(lengths)
     axes[2].set_xticks(cu.tolist()[::4], cu.tolist()[::4], fontsize=9)
     axes[0].set_ylabel("prompt"), axes[1].set_ylabel("row")
     axes[1].set_xlabel("token slot (colour = prompt, white = padding)", fontsize=9)
@@ -618,17 +606,15 @@ def packing_rows_figure(segment_ids, title, path=None):
     _packing_segments(ax, segment_ids)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("token slot", fontsize=9), ax.set_ylabel("packed row", fontsize=9)
-    fig.tight_layout()
     if path is None:
+        fig.tight_layout()
         return fig
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
 # Chapter 5, speculative decoding (notebooks/05_speculative_decoding.ipynb)
 # --------------------------------------------------------------------------------------------
-# 7 in wide at 100 dpi: the page shows them at about 700 px, so 9 pt text stays 9 pt.
 
 
 def speculative_idea_figure(path):

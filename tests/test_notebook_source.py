@@ -49,7 +49,6 @@ def test_display_math_stands_in_its_own_paragraph(notebook):
 
 # ---- the chapter shape (DESIGN.md, Notebooks) ----
 
-NEW_SHAPE = NOTEBOOKS  # every chapter is on the shape
 MAX_CELL_LINES = 30
 
 
@@ -66,14 +65,14 @@ def cells_of(notebook, kind):
     return [(i, c) for i, c in enumerate(json.loads(notebook.read_text())["cells"]) if c["cell_type"] == kind]
 
 
-@pytest.mark.parametrize("notebook", NEW_SHAPE, ids=lambda p: p.name)
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_no_code_cell_is_over_30_lines(notebook):
     long = [(i, code_lines("".join(c["source"]))) for i, c in cells_of(notebook, "code")
             if code_lines("".join(c["source"])) > MAX_CELL_LINES]
     assert not long, f"code cells over {MAX_CELL_LINES} non-blank, non-comment lines (cell, lines): {long}"
 
 
-@pytest.mark.parametrize("notebook", NEW_SHAPE, ids=lambda p: p.name)
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_the_kernel_is_shown_checked_and_timed_on_cuda(notebook):
     code = ["".join(c["source"]) for _, c in cells_of(notebook, "code")]
     assert any("@triton.jit" in src for src in code), "no cell defines the chapter's Triton kernel"
@@ -81,7 +80,7 @@ def test_the_kernel_is_shown_checked_and_timed_on_cuda(notebook):
         "no cell times the kernel with do_bench when CUDA is present"
 
 
-@pytest.mark.parametrize("notebook", NEW_SHAPE, ids=lambda p: p.name)
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_exercises_end_the_chapter_with_a_checked_worked_solution(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     start = next((i for i, c in enumerate(cells) if c["cell_type"] == "markdown"

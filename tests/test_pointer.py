@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from refimpl.pointer import (STOP, PointerConfig, PointerNet, TrainConfig, TSPPool, angle_order,
-                             canonical_tour, check_points, convex_hull, evaluate, held_karp,
-                             is_simple_polygon, load, make_batch, pointer_log_probs, polygon_area,
-                             record_of, solve, tour_length, train)
+from refimpl.pointer import (IGNORE, STOP, PointerConfig, PointerNet, TrainConfig, TSPPool, angle_order,
+                             canonical_tour, check_held_karp_points, check_points, chosen_slots,
+                             convex_hull, evaluate, held_karp, held_karp_table, is_simple_polygon, load,
+                             make_batch, pointer_log_probs, polygon_area, record_of, solve,
+                             teacher_forcing_mask, tour_length, train)
 
 
 def brute_force_tour(points):
@@ -370,7 +371,6 @@ def test_bad_train_config(change, match):
 def test_held_karp_table_holds_shortest_paths_by_brute_force():
     """dp[S, j] is the shortest path 0 -> (all of S) -> j, checked by enumerating the orders of
     S - {j} for every subset S and end city j at n = 6; the table is [B, 2^(n-1), n-1]."""
-    from refimpl.pointer import held_karp_table
     n = 6
     pts = torch.rand(1, n, 2, generator=torch.Generator().manual_seed(4)).double()
     d = torch.cdist(pts, pts)
@@ -389,7 +389,6 @@ def test_held_karp_table_holds_shortest_paths_by_brute_force():
 
 
 def test_check_held_karp_points_names_the_table_size():
-    from refimpl.pointer import check_held_karp_points
     assert check_held_karp_points(torch.rand(5, 2), 12).shape == (1, 5, 2)
     with pytest.raises(ValueError, match=r"n=14.*table entries.*\(106,496 here\).*max_n=13"):
         check_held_karp_points(torch.rand(2, 14, 2), 13)
@@ -399,7 +398,6 @@ def test_check_held_karp_points_names_the_table_size():
 def test_teacher_forcing_mask_equals_a_loop(has_stop):
     """Step i masks every slot chosen at steps < i (never the stop slot, nothing after padding),
     built here one step at a time."""
-    from refimpl.pointer import IGNORE, teacher_forcing_mask
     g = torch.Generator().manual_seed(2)
     slots, B = 6, 5
     targets = torch.stack([torch.randperm(slots, generator=g) for _ in range(B)])
@@ -416,7 +414,6 @@ def test_teacher_forcing_mask_equals_a_loop(has_stop):
 
 
 def test_chosen_slots_shifts_by_the_stop_slot_and_respects_mask_chosen():
-    from refimpl.pointer import chosen_slots
     got = chosen_slots([[], [2, 0]], 4, 1, True)
     assert got.tolist() == [[False] * 4, [False, True, False, True]]
     assert not chosen_slots([[2, 0]], 4, 1, False).any()

@@ -3,11 +3,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from refimpl import lm
 from refimpl.data import splits
-import torch.nn.functional as F
-
 from refimpl.train import (PRESETS, build_model, distill_loss, evaluate, lm_loss, lr_at,
                            make_optimizer, optimizer_step, set_lr, teacher_log_probs,
                            teacher_text, train)
