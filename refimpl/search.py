@@ -262,11 +262,12 @@ class Stepper:
         """Encode the prompts, ``beams`` cache rows each; logits [NB, V]."""
         logits = self.model(self.input_ids, self.positions, self.prompt_mask,
                             self.cache, last_only=True)[:, -1].float()
-        rows = torch.arange(len(logits), device=logits.device)
-        self.cache.reorder(rows.repeat_interleave(beams))
-        if self.mask is not None:
-            self.positions = self.positions.repeat_interleave(beams, 0)
-            self.mask = self.mask.repeat_interleave(beams, 0)
+        if beams > 1:  # greedy's single rows are in place already: no copy
+            rows = torch.arange(len(logits), device=logits.device)
+            self.cache.reorder(rows.repeat_interleave(beams))
+            if self.mask is not None:
+                self.positions = self.positions.repeat_interleave(beams, 0)
+                self.mask = self.mask.repeat_interleave(beams, 0)
         return logits.repeat_interleave(beams, 0)
 
     def step(self, tokens: torch.Tensor, rows=None) -> torch.Tensor:
