@@ -415,16 +415,19 @@ def check_padding_free(model, attention):
 
 
 @torch.no_grad()
-def padding_free_prefill(model, prompts, attention=varlen_attention):
+def padding_free_prefill(model, prompts, attention=varlen_attention,
+                         group_size=4):
     """TinyGPT's forward over one token stream without any padding; returns
     last_logits [n, V]. Every op but attention is per token, so it runs on
-    [N, C] (ByteTransformer, Zhai et al. 2022); attention is the varlen one."""
+    [N, C] (ByteTransformer, Zhai et al. 2022); attention is the varlen one,
+    in length groups of ``group_size`` (1: one SDPA call per sequence)."""
     check_padding_free(model, attention)
     cfg = model.config
     prompts = _as_prompts(prompts, cfg.block_size, vocab_size=cfg.vocab_size)
     ids, cu, pos = stream_inputs(prompts)
     if attention is varlen_attention:  # its groups: once, not once per layer
-        attention = functools.partial(attention, groups=length_groups(cu))
+        groups = length_groups(cu, group_size)
+        attention = functools.partial(attention, groups=groups)
     N, C, H = len(ids), cfg.n_embd, cfg.n_head
     x = model.tok_emb(ids) + model.pos_emb(pos)
     for block in model.blocks:

@@ -360,6 +360,8 @@ BAD_CALLS = {
                                "attention"),
     "group_size 0": (lambda: varlen_attention(torch.zeros(3, 1, 4), torch.zeros(3, 1, 4), torch.zeros(3, 1, 4),
                                               cumulative_lengths([1, 2]), True, 0), "group_size"),
+    "padding-free group_size 0": (lambda: padding_free_prefill(build("tiny"), random_prompts([3]), group_size=0),
+                                  "group_size"),
     "max_items float": (lambda: optimal_bins([1, 2], 5, 2.5), "max_items"),
 }
 

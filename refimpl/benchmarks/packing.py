@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from refimpl.bench import paired_seconds, print_table, write_results
 from refimpl.data import CharTokenizer, load_corpus
 from refimpl.lm import load
-from refimpl.packing import pack_prompts, padding_free_prefill, varlen_attention
+from refimpl.packing import pack_prompts, padding_free_prefill
 
 PREPACKING_REPO = {"speedup": 5.2, "memory_saving": 7.6, "gpu": "A6000", "model": "1.3B",
                    "dataset": "MMLU", "batch_size": 64}
@@ -78,7 +78,7 @@ def peak_bytes(fn) -> int:
 
 def per_sequence_prefill(model, prompts):
     """Padding-free prefill whose attention makes one SDPA call per sequence."""
-    return padding_free_prefill(model, prompts, functools.partial(varlen_attention, group_size=1))
+    return padding_free_prefill(model, prompts, group_size=1)
 
 
 PREFILLS = {"padded": padded_prefill, "prepacked": prepacked_prefill,
