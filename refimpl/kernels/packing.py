@@ -10,8 +10,10 @@ attention where each one starts: ``cu_seqlens`` = [0, l_0, l_0 + l_1, ..., N]
 
 One program handles one block of query rows of one sequence and one head and
 streams that sequence's keys with the online softmax of FlashAttention
-(Dao et al. 2022, Algorithm 1), as in ``refimpl/kernels/attention.py``; the
-only new thing is that the row range comes from ``cu_seqlens``. Causal masking
+(Dao et al. 2022, Algorithm 1): chapter 0's ``_tile`` and ``_attn_fwd_inner``
+from ``refimpl/kernels/attention.py``, on the sequence's rows as a matrix of
+``length`` rows with causal offset 0. The only new thing is that the row range
+comes from ``cu_seqlens``. Causal masking
 is top-left aligned inside each sequence (key j visible to query i iff j <= i).
 The reference is ``refimpl.packing.varlen_attention``.
 """
@@ -23,62 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from refimpl.kernels.attention import launch_config
-from refimpl.kernels.common import FLOAT_DTYPES, check_device, check_launch, interpreted, mma
+from refimpl.kernels.attention import _attn_fwd_inner, _tile, launch_config
+from refimpl.kernels.common import FLOAT_DTYPES, check_device, check_launch, interpreted
 from refimpl.packing import _check_varlen
-
-
-@triton.jit
-def _varlen_rows(Base, start, rows, h, offs_d, stride_n, stride_h, stride_d):
-    """Pointers [len(rows), BLOCK_D] to rows ``rows`` of the sequence that
-    starts at stream row ``start``, head h."""
-    return (Base + (start + rows[:, None]) * stride_n + h * stride_h
-            + offs_d[None, :] * stride_d)
-
-
-@triton.jit
-def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, sm_scale,
-                         IEEE: tl.constexpr):
-    """One block of keys into the running max m_i, sum l_i and fp32 acc
-    (FlashAttention, Dao et al. 2022, Algorithm 1)."""
-    s = tl.where(visible, mma(q, tl.trans(k), IEEE) * sm_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row that has seen no key yet (past the end) shifts by 0, not by -inf
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_shift[:, None])
-    alpha = tl.exp(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + mma(p, v, IEEE)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _varlen_attend_keys(q, K, V, start, length, hi, offs_m, h, offs_d,
-                        stride_kn, stride_kh, stride_kd,
-                        stride_vn, stride_vh, stride_vd, D, sm_scale,
-                        CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """The sequence's keys 0 .. hi - 1, BLOCK_N at a time, through the online
-    softmax; returns the fp32 (acc, l_i) of the query rows offs_m."""
-    m_i = tl.full([offs_m.shape[0]], float("-inf"), tl.float32)  # row max
-    l_i = tl.zeros([offs_m.shape[0]], tl.float32)                # row sum
-    acc = tl.zeros([offs_m.shape[0], BLOCK_D], tl.float32)       # fp32 acc
-    d_ok = offs_d[None, :] < D
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        n_ok = cols[:, None] < length     # key rows past the end read 0
-        k = tl.load(_varlen_rows(K, start, cols, h, offs_d, stride_kn,
-                                 stride_kh, stride_kd),
-                    mask=n_ok & d_ok, other=0.0)
-        v = tl.load(_varlen_rows(V, start, cols, h, offs_d, stride_vn,
-                                 stride_vh, stride_vd),
-                    mask=n_ok & d_ok, other=0.0)
-        visible = cols[None, :] < length
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None])
-        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc,
-                                             sm_scale, IEEE)
-    return acc, l_i
 
 
 @triton.jit
@@ -95,19 +44,22 @@ def _varlen_fwd_kernel(
     length = tl.load(CuSeqlens + seq + 1) - start
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows in the sequence
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < length) & (offs_d[None, :] < D)  # past the end: 0
-    q = tl.load(_varlen_rows(Q, start, offs_m, h, offs_d, stride_qn,
-                             stride_qh, stride_qd), mask=ok, other=0.0)
+    # the sequence as a [length, D] matrix per head: rows past its end are 0
+    q_ptrs, ok = _tile(Q + start * stride_qn + h * stride_qh, offs_m, offs_d,
+                       stride_qn, stride_qd, length, D)
+    q = tl.load(q_ptrs, mask=ok, other=0.0)
     hi = length
     if CAUSAL:  # keys after this block's last row are never visible
         hi = tl.minimum(length, (pid_m + 1) * BLOCK_M)
-    acc, l_i = _varlen_attend_keys(
-        q, K, V, start, length, hi, offs_m, h, offs_d,
-        stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
-        D, sm_scale, CAUSAL, BLOCK_N, BLOCK_D, IEEE)
+    acc, l_i, _ = _attn_fwd_inner(
+        q, K + start * stride_kn + h * stride_kh,
+        V + start * stride_vn + h * stride_vh, stride_kn, stride_kd,
+        stride_vn, stride_vd, offs_m, offs_d, length, D, hi, sm_scale, 0,
+        CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(_varlen_rows(Out, start, offs_m, h, offs_d, stride_on, stride_oh,
-                          stride_od), out.to(Out.dtype.element_ty), mask=ok)
+    o_ptrs, _ = _tile(Out + start * stride_on + h * stride_oh, offs_m, offs_d,
+                      stride_on, stride_od, length, D)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=ok)
 
 
 def varlen_flash_attention(q, k, v, cu_seqlens, causal=True, sm_scale=None):
