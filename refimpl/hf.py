@@ -36,13 +36,19 @@ would add the window; an explicit ``attn_mask`` replaces that mask entirely.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 
-from refimpl.lm import check_forward_args, check_ids, check_int
+from refimpl.lm import causal_mask, check_forward_args, check_ids, check_int
+
+SHARED_PREFIX = "refimpl_shared_prefix"  # the attention function below, by its HF name
+_SHARED_CACHE: ContextVar = ContextVar("shared_prefix_cache")
+PLAIN_HEAD_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")  # logits = lm_head(hidden)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,14 @@ class HFCache:
 
     def _layers(self):
         return [layer for layer in self.dynamic.layers if layer.keys is not None and layer.keys.ndim == 4]
+
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values so far, [B, H_kv, len, D]."""
+        return [(layer.keys, layer.values) for layer in self._layers()]
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held."""
+        return sum(k.nbytes + v.nbytes for k, v in self.kv())
 
     def crop(self, length: int) -> None:
         """Forget everything after the first ``length`` positions (speculative rollback)."""
@@ -141,15 +155,62 @@ class HFCache:
         return cls(total, DynamicCache(data))
 
 
+def shared_prefix_attention_forward(module, query, key, value, attention_mask, scaling=None,
+                                   dropout=0.0, **kwargs):
+    """An HF attention function (``AttentionInterface``): the layer's queries, and its
+    new keys and values (RoPE applied, GQA heads not repeated), go to the shared-prefix
+    cache of the running forward call; returns [B, T, H, D]."""
+    cache = _SHARED_CACHE.get()
+    out = cache.attend(module.layer_idx, query, key, value, attention_mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SHARED_PREFIX, shared_prefix_attention_forward)
+
+
+class _NewKeysOnly(DynamicCache):
+    """What the HF model sees as its cache when beams share a prefix: ``update`` hands the new
+    keys and values on unchanged (the attention function stores them), and the length counts
+    the cached positions, so HF numbers the new ones after them."""
+
+    def __init__(self, cache):
+        super().__init__()
+        self.cache = cache
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return len(self.cache)
+
+
+@contextmanager
+def using_shared_prefix_attention(config, cache):
+    """Run the model's attention modules with ``shared_prefix_attention_forward`` on ``cache``
+    for a while. (GPT-2's LM head does not pass extra keyword arguments down to its layers,
+    so the cache travels in a context variable.)"""
+    before, token = config._attn_implementation_internal, _SHARED_CACHE.set(cache)
+    config._attn_implementation_internal = SHARED_PREFIX
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = before
+        _SHARED_CACHE.reset(token)
+
+
 class HFCausalLM(nn.Module):
     """A Hugging Face causal LM behind the workbench interface of ``lm.TinyGPT``."""
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, vocab_major_head: bool = False):
         super().__init__()
         if not isinstance(hf_model, nn.Module) or not hasattr(hf_model, "config"):
             raise TypeError(f"hf_model must be a transformers causal LM (an nn.Module with a config), "
                             f"got {type(hf_model).__name__}")
-        self.hf = hf_model
+        if vocab_major_head and hf_model.config.model_type not in PLAIN_HEAD_FAMILIES:
+            raise ValueError(f"vocab_major_head needs a model whose logits are lm_head(hidden) and "
+                             f"nothing else, one of {PLAIN_HEAD_FAMILIES}; got "
+                             f"{hf_model.config.model_type!r}")
+        self.hf, self.vocab_major_head = hf_model, vocab_major_head
         self.config = HFConfig.from_hf(hf_model.config)
 
     def empty_cache(self, batch_size: int) -> HFCache:
@@ -168,8 +229,9 @@ class HFCausalLM(nn.Module):
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, last_only=False):
         """Logits [B, T, V] for ``input_ids`` [B, T] after the tokens already in ``cache``
         ([B, 1, V], the last position only, with ``last_only``: HF's ``logits_to_keep=1``)."""
-        if cache is not None and not isinstance(cache, HFCache):
-            raise TypeError(f"cache must come from empty_cache(), got {type(cache).__name__}")
+        if cache is not None and not isinstance(cache, HFCache) and not hasattr(cache, "attend"):
+            raise TypeError(f"cache must come from empty_cache() (or be a search.SharedPrefixCache), "
+                            f"got {type(cache).__name__}")
         B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
                                         self.config.block_size)
         check_ids("input_ids", input_ids, self.config.vocab_size)
@@ -183,11 +245,37 @@ class HFCausalLM(nn.Module):
             dtype = self.hf.dtype  # sdpa wants the mask in the query's dtype
             if attn_mask.dtype != dtype:  # clamp: fp32's minimum becomes -inf in fp16
                 attn_mask = attn_mask.to(dtype).clamp_min(torch.finfo(dtype).min)
+        keep = 1 if last_only else 0
+        if cache is not None and not isinstance(cache, HFCache):
+            return self._shared_prefix_forward(input_ids, position_ids, attn_mask, cache, keep)
         # Always hand HF a cache: without one it turns restarting position_ids into a
         # packed-sequence mask (masking_utils._preprocess_mask_arguments).
         dynamic = DynamicCache() if cache is None else cache.dynamic
-        out = self.hf(input_ids=input_ids, position_ids=position_ids, attention_mask=attn_mask,
-                      past_key_values=dynamic, use_cache=True, return_dict=True,
-                      logits_to_keep=1 if last_only else 0)
-        return out.logits
+        return self._logits(input_ids=input_ids, position_ids=position_ids,
+                            attention_mask=attn_mask, past_key_values=dynamic, use_cache=True,
+                            return_dict=True, logits_to_keep=keep)
+
+    def _shared_prefix_forward(self, input_ids, position_ids, attn_mask, cache, keep):
+        """The forward pass with a ``search.SharedPrefixCache``: HF's modules, our attention."""
+        T, S = input_ids.shape[1], len(cache) + input_ids.shape[1]
+        if attn_mask is None:  # a 4-D mask keeps HF's mask builder away from the cache
+            attn_mask = causal_mask(T, S, input_ids.device)[None, None]
+        with using_shared_prefix_attention(self.hf.config, cache):
+            logits = self._logits(input_ids=input_ids, position_ids=position_ids,
+                                  attention_mask=attn_mask, past_key_values=_NewKeysOnly(cache),
+                                  use_cache=True, return_dict=True, logits_to_keep=keep)
+        cache.advance(T)
+        return logits
+
+    def _logits(self, logits_to_keep, **inputs):
+        """The HF model's logits; with ``vocab_major_head``, its body's hidden states times the
+        output embedding computed as (W h^T)^T, W [V, C]: the same numbers to float rounding,
+        and on a CPU BLAS often faster for a few rows and a large vocabulary (chapter 2)."""
+        if not self.vocab_major_head:
+            return self.hf(**inputs, logits_to_keep=logits_to_keep).logits
+        hidden = self.hf.base_model(**inputs).last_hidden_state
+        hidden = hidden[:, -logits_to_keep:]  # -0: every position
+        head = self.hf.get_output_embeddings()
+        logits = (head.weight @ hidden.flatten(0, 1).T).T.reshape(*hidden.shape[:2], -1)
+        return logits if head.bias is None else logits + head.bias
 

@@ -120,13 +120,20 @@ def measure_sort(*records):
 
 
 def measure_search(d):
-    """Ch. 2: min and max speed-up over HF generate across all benchmark settings; outputs identical?"""
-    s, same = [r["speedup"] for r in d["rows"]], all(r["identical"] for r in d["rows"])
-    beams = " and ".join(str(b) for b in sorted({r["num_beams"] for r in d["rows"]}))
-    c = [r["ceiling"] for r in d["rows"]]
-    return (f"{min(s):.2f}x to {max(s):.2f}x over {len(s)} settings ({beams} beams); outputs "
-            f"{'identical' if same else 'NOT identical'}; the forward passes alone allow {min(c):.2f}x to "
-            f"{max(c):.2f}x", verdict(min(s) >= 1.5 and same))
+    """Ch. 2: shared-prefix beam search at the long-prompt target setting against HF generate
+    (median over prompts and range), its KV-cache bytes, and the grid of short prompts."""
+    s = d["long_setting"]
+    at = next(r for r in d["long"] if r["prompt_len"] == s["target_len"])
+    best, (lo, hi) = (x["shared + vocab-major head"] for x in (at["speedup"], at["speedup_range"]))
+    short, share = [r["speedup"] for r in d["rows"]], [r["share_of_ceiling"] for r in d["rows"]]
+    same = all(r["identical"] for r in d["rows"] + d["long"])
+    return (f"{best:.2f}x median ({lo:.2f}x to {hi:.2f}x over {s['prompts_per_length']} prompts) at "
+            f"prompt {s['target_len']}, {s['num_beams']} beams; KV cache {at['kv_share']:.2f} of HF's; "
+            f"short prompts {min(short):.2f}x to {max(short):.2f}x, {min(share):.0%} to "
+            f"{max(share):.0%} of the forward-pass ceiling; outputs "
+            f"{'identical' if same else 'NOT identical'}",
+            verdict(best >= 2.5 and at["kv_share"] <= 0.25 and min(short) >= 1 and min(share) >= 0.9
+                    and same))
 
 
 def measure_contiguous(d):
@@ -216,9 +223,11 @@ CLAIMS = [
      "read-process-write (P=5) 57%",
      [PTR.format(f"sort10_{enc}_g1_10k{seed}") for seed in ("", "_seed1") for enc in ("lstm", "rpw5")],
      "read-process-write beats LSTM", measure_sort, ordering),
-    ("Ch. 2, the book's target: beam and diverse beam search (Vijayakumar et al. 2016) faster than "
-     "HF transformers 4.56.2 `generate`, same outputs", [B], "≥ 1.5x in every setting",
-     measure_search, beyond),
+    ("Ch. 2, the book's target: beam and diverse beam search (Vijayakumar et al. 2016) over a "
+     "shared-prefix KV cache (cascade attention, as Hydragen) faster than HF transformers 4.56.2 "
+     "`generate`, same outputs", [B],
+     "≥ 2.5x at prompt 1024, 8 beams, 128 new tokens; KV cache ≤ 1/4; short prompts ≥ 1x and "
+     "≥ 90% of the forward-pass ceiling", measure_search, beyond),
     ("Ch. 3, causal ring attention, contiguous chunks: the busiest device does (2P-1)/P of the ideal work "
      "(our derivation; the imbalance behind Megatron-LM's zigzag split)", [R], "within 1% of (2P-1)/P",
      measure_contiguous, beyond),

@@ -229,6 +229,18 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def attend(self, layer, q, k, v, attn_mask=None, backend="sdpa"):
+        """Write this step's k, v for ``layer`` and attend q [B, H, T, D] to every key so far."""
+        k, v = self.update(layer, k, v)
+        return attention(q, k, v, attn_mask, backend)
+
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values so far, [B, H, len, D] views."""
+        if self.k is None:
+            return []
+        return [(self.k[i, :, :, :self.length], self.v[i, :, :, :self.length])
+                for i in range(self.shape[0])]
+
     def advance(self, num_tokens: int) -> None:
         check_int("num_tokens", num_tokens, 0, self.capacity - self.length)
         self.length += num_tokens
@@ -249,9 +261,14 @@ class KVCache:
         self.k, self.v = (self._gather(t, index) for t in (self.k, self.v))
 
     def _gather(self, t, index):
-        out = t.new_empty(self.shape)
-        out[:, :, :, :self.length] = t[:, index, :, :self.length]
+        picked = t[:, :, :, :self.length].index_select(1, index)
+        out = t if t.shape == self.shape else t.new_empty(self.shape)  # same rows: in place
+        out[:, :, :, :self.length] = picked
         return out
+
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (0 before the first write)."""
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
     def extract(self, row: int, start: int, length: int) -> "KVCache":
         """A batch-1 cache holding positions start .. start+length-1 of ``row`` (packing)."""
@@ -310,9 +327,10 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.qkv(x).split(C, dim=2))
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        y = attention(q, k, v, attn_mask, backend)
+        if cache is None:
+            y = attention(q, k, v, attn_mask, backend)
+        else:  # a KVCache, or beam search's shared-prefix cache
+            y = cache.attend(layer, q, k, v, attn_mask, backend)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -378,8 +396,9 @@ class TinyGPT(nn.Module):
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, last_only=False):
         """Logits [B, T, V] (or [B, 1, V] for the last position only, with ``last_only``)."""
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"cache must come from empty_cache(), got {type(cache).__name__}")
+        if cache is not None and not hasattr(cache, "attend"):
+            raise TypeError(f"cache must come from empty_cache() (or be a search.SharedPrefixCache), "
+                            f"got {type(cache).__name__}")
         B, T, past = check_forward_args(input_ids, position_ids, attn_mask, cache,
                                         self.config.block_size)
         check_ids("input_ids", input_ids, self.config.vocab_size)

@@ -30,8 +30,13 @@ runs out, and (c) the filler after a finished hypothesis (``pad_token_id or eos`
 ``pad_token_id``, so a pad id of 0 becomes EOS in plain beam search).
 
 Decoding never recomputes a prefix: the prompt is encoded once per prompt (not once per
-beam), the KV cache is then repeated B times, and every step feeds one token per beam
-and reorders the cache rows to follow the surviving beams (``cache.reorder``).
+beam), and every step feeds one token per beam and reorders the cache rows to follow the
+surviving beams (``cache.reorder``). By default the beams share one copy of their prompt's
+keys and values (``SharedPrefixCache``; cascade attention as in Hydragen, Juravsky et al.
+2024): each layer attends to the prompt with all beams' queries in one matmul and to each
+beam's own generated suffix, and merges the two by their log-sum-exps (chapter 3's
+``merge_partials``), so a reorder moves only the suffixes. ``shared_prefix=False`` copies
+the prompt into every beam's row instead, as HF does.
 """
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
-from refimpl.lm import additive_mask, check_ids, check_int, check_real
+from refimpl.lm import KVCache, additive_mask, causal_mask, check_ids, check_int, check_real
+from refimpl.ring import merge_partials
 
 EARLY_STOPPING = (True, False, "never")
 
@@ -152,7 +158,12 @@ def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
     logp = torch.log_softmax(logits, dim=-1)
     if counts is not None and diversity_penalty:
         logp = logp - diversity_penalty * counts[:, None, :]
-    return (logp + running[..., None]).view(N, Bg * V).topk(k, dim=1)
+    # two rounds: each beam's k best, then the best k of those Bg * k (the
+    # group's k best hold at most k of one beam); one top-k over Bg * V
+    # scores is several times slower on a CPU at GPT-2's vocabulary
+    top, token = logp.topk(min(k, V), dim=-1)
+    scores, pos = (top + running[..., None]).view(N, -1).topk(k, dim=1)
+    return scores, (pos // top.shape[2]) * V + token.view(N, -1).gather(1, pos)
 
 
 @dataclass
@@ -247,28 +258,191 @@ def padded_positions_and_masks(attention_mask, max_new_tokens):
     return positions, prompt_mask, mask
 
 
+# ---- stage 9: the prompt's keys once per prompt, the generated suffix per beam ----
+
+def partial_attention(q, k, v, mask=None, scale=None):
+    """Attention of queries q [N, Hkv, M, T, D] to keys and values k, v [N, Hkv, S, D]
+    alone, as a partial to merge: (out [N, Hkv, M, T, D] in fp32, lse [N, Hkv, M, T]),
+    lse the log-sum-exp of the scores (FlashAttention's statistic, chapter 3). The M
+    query groups of one key head (GQA heads, beams) share one matmul with k; ``mask``
+    is additive, broadcast to [N, 1, 1 or M, T, S]."""
+    N, Hkv, M, T, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    s = q.reshape(N, Hkv, M * T, D) @ k.transpose(-2, -1)
+    s = s.view(N, Hkv, M, T, -1).float() * scale
+    if mask is not None:
+        s = s + mask
+    lse = s.logsumexp(-1)
+    p = torch.exp(s - lse[..., None]).view(N, Hkv, M * T, -1)
+    return (p.to(v.dtype) @ v).view(N, Hkv, M, T, D).float(), lse
+
+
+def fused_partial_attention(q, k, v, mask=None, scale=None):
+    """``partial_attention`` in one call of torch's fused CPU attention kernel,
+    which returns the log-sum-exp too (``aten::_scaled_dot_product_flash_
+    attention_for_cpu``, an internal op of torch 2.13); elsewhere the math."""
+    if q.device.type != "cpu":
+        return partial_attention(q, k, v, mask, scale)
+    N, Hkv, M, T, D = q.shape
+    if mask is not None:
+        S = k.shape[2]
+        mask = mask.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)  # fp16: not -inf
+        mask = mask.expand(N, 1, M, T, S).reshape(N, 1, M * T, S)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.reshape(N, Hkv, M * T, D), k, v, attn_mask=mask, scale=scale)[:2]
+    return out.reshape(N, Hkv, M, T, D).float(), lse.reshape(N, Hkv, M, T)
+
+
+def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v,
+                            mask=None, scale=None, partial=partial_attention):
+    """Cascade (bifurcated) attention, Hydragen (Juravsky et al. 2024, sec. 3):
+    q [N * B, H, T, D], B beams per prompt, against the prompt's keys prefix_k
+    [N, Hkv, P, D] (one copy per prompt: all B * H / Hkv query heads of a prompt
+    in one matmul) and each beam's own suffix_k [N * B, Hkv, S, D]; the two
+    partials merged by their log-sum-exps (chapter 3's merge_partials). ``mask``
+    [N * B, 1, T, P + S] additive, or None (causal within the suffix);
+    ``partial`` computes each part (``partial_attention`` or a fused one)."""
+    NB, H, T, D = q.shape
+    N, Hkv, P, _ = prefix_k.shape
+    B, g, S = NB // N, H // Hkv, suffix_k.shape[2]
+    mask_p = mask_s = None  # no mask: the prompt all visible, causal suffix
+    if mask is not None:
+        mask_p, mask_s = mask[::B, :, None, :, :P], mask[:, :, None, :, P:]
+    elif T > 1:
+        mask_s = causal_mask(T, S, q.device)
+    # shared part: [N, Hkv, B * g, T, D] queries, prefix mask from the first beam
+    qp = q.view(N, B, Hkv, g, T, D).transpose(1, 2)
+    qp = qp.reshape(N, Hkv, B * g, T, D)
+    out_p, lse_p = partial(qp, prefix_k, prefix_v, mask_p, scale)
+    out_p = out_p.view(N, Hkv, B, g, T, D).transpose(1, 2)
+    out_p = out_p.reshape(NB, H, T, D)
+    lse_p = lse_p.view(N, Hkv, B, g, T).transpose(1, 2).reshape(NB, H, T)
+    # per-beam part: [N * B, Hkv, g, T, D] queries against the beam's suffix
+    out_s, lse_s = partial(q.view(NB, Hkv, g, T, D), suffix_k, suffix_v,
+                           mask_s, scale)
+    out, _ = merge_partials(out_p, lse_p, out_s.reshape(NB, H, T, D),
+                            lse_s.reshape(NB, H, T))
+    return out.to(q.dtype)
+
+
+def triton_partial_attention(q, k, v, mask=None, scale=None):
+    """``partial_attention`` by the kernel of ``refimpl.kernels.search`` when
+    each query has one new token and the mask is a key mask (decoding);
+    otherwise the math."""
+    N, Hkv, M, T, D = q.shape
+    if T > 1 or (mask is not None and mask.shape[-2] > 1):
+        return partial_attention(q, k, v, mask, scale)
+    from refimpl.kernels.search import prefix_attention
+    key_mask = None if mask is None else mask.reshape(-1, k.shape[2]).expand(N, -1)
+    out, lse = prefix_attention(q.reshape(N, Hkv, M, D), k, v, key_mask, scale)
+    return out.view(N, Hkv, M, 1, D), lse.view(N, Hkv, M, 1)
+
+
+# the attention backends of lm.attention, for the two parts of the cascade
+PARTIALS = {"math": partial_attention, "sdpa": fused_partial_attention,
+            "triton": triton_partial_attention}
+
+
+def check_prefix_cache_args(cache, beams, capacity):
+    """ValueError for ``share_prefix``: a filled cache of N rows,
+    beams >= 1 and capacity >= 1."""
+    check_int("beams", beams, 1)
+    check_int("capacity", capacity, 1)
+    if not len(cache) or not cache.kv():
+        raise ValueError("cache must hold the encoded prompts (it is empty)")
+
+
+def check_beam_rows(index, rows, beams):
+    """ValueError unless ``index`` [rows] sends each row to a beam of its own prompt."""
+    own = torch.arange(rows, device=index.device) // beams
+    if index.shape != (rows,) or bool((index // beams != own).any()):
+        raise ValueError(f"index must hold {rows} rows, each a beam of its own prompt (the "
+                         f"cache was built for {rows // beams} prompts x {beams} beams)")
+
+
+class SharedPrefixCache:
+    """Beam search's KV cache: the prompts' keys and values once per prompt
+    (``prefix``, per layer [N, Hkv, P, D]) and each beam's generated tokens in
+    ``suffix``, an ordinary ``KVCache`` of N * B rows. Reordering the beams
+    moves only their suffixes; the P prompt positions never move."""
+
+    def __init__(self, prefix, suffix):
+        self.prefix, self.suffix = prefix, suffix
+        N, _, self.prompt_len, _ = prefix[0][0].shape
+        self.beams = suffix.batch_size // N
+        self.batch_size = suffix.batch_size
+
+    def __len__(self) -> int:
+        return self.prompt_len + len(self.suffix)
+
+    def nbytes(self) -> int:
+        """Bytes held: the prompts' keys and values, and the suffixes'."""
+        prefix = sum(k.nbytes + v.nbytes for k, v in self.prefix)
+        return prefix + self.suffix.nbytes()
+
+    def attend(self, layer, q, k, v, attn_mask=None, backend="sdpa",
+               scale=None):
+        """Append this step's k, v [N * B, Hkv, T, D] to the suffixes of
+        ``layer``; attend q [N * B, H, T, D] to prompt and suffix."""
+        suffix_k, suffix_v = self.suffix.update(layer, k, v)
+        prefix_k, prefix_v = self.prefix[layer]
+        return shared_prefix_attention(q, prefix_k, prefix_v, suffix_k,
+                                       suffix_v, attn_mask, scale,
+                                       PARTIALS[backend])
+
+    def advance(self, num_tokens: int) -> None:
+        self.suffix.advance(num_tokens)
+
+    def crop(self, length: int) -> None:
+        """Forget the generated tokens after position ``length``."""
+        check_int("length", length, self.prompt_len, len(self))
+        self.suffix.crop(length - self.prompt_len)
+
+    def reorder(self, index) -> None:
+        """Row b takes the suffix of row index[b], a beam of its own prompt."""
+        index = torch.as_tensor(index, dtype=torch.long,
+                                device=self.prefix[0][0].device)
+        check_beam_rows(index, self.batch_size, self.beams)
+        self.suffix.reorder(index)
+
+
+def share_prefix(cache, beams, capacity) -> SharedPrefixCache:
+    """The encoded prompts of a model's cache (N rows), shared by ``beams``
+    beams each with room for ``capacity`` generated tokens."""
+    check_prefix_cache_args(cache, beams, capacity)
+    prefix = [(k.contiguous(), v.contiguous()) for k, v in cache.kv()]
+    N, Hkv, _, D = prefix[0][0].shape
+    suffix = KVCache(len(prefix), N * beams, Hkv, D, capacity,
+                     prefix[0][0].device)
+    return SharedPrefixCache(prefix, suffix)
+
+
 class Stepper:
     """Runs left-padded prompts through ``model`` with one KV cache."""
 
-    def __init__(self, model, input_ids, attention_mask=None, max_new_tokens=0):
-        self.model, self.input_ids = model, input_ids
+    def __init__(self, model, input_ids, attention_mask=None, max_new=0):
+        self.model, self.input_ids, self.max_new = model, input_ids, max_new
         self.cache = model.empty_cache(input_ids.shape[0])
         self.positions = self.mask = self.prompt_mask = None  # no padding
         if attention_mask is not None and not attention_mask.all():
             self.positions, self.prompt_mask, self.mask = \
-                padded_positions_and_masks(attention_mask, max_new_tokens)
+                padded_positions_and_masks(attention_mask, max_new)
 
     def prompt(self, beams: int = 1) -> torch.Tensor:
         """Encode the prompts, ``beams`` cache rows each; logits [NB, V]."""
         logits = self.model(self.input_ids, self.positions, self.prompt_mask,
                             self.cache, last_only=True)[:, -1].float()
         if beams > 1:  # greedy's single rows are in place already: no copy
-            rows = torch.arange(len(logits), device=logits.device)
-            self.cache.reorder(rows.repeat_interleave(beams))
+            self.repeat_cache(beams)
             if self.mask is not None:
                 self.positions = self.positions.repeat_interleave(beams, 0)
                 self.mask = self.mask.repeat_interleave(beams, 0)
         return logits.repeat_interleave(beams, 0)
+
+    def repeat_cache(self, beams: int) -> None:
+        """``beams`` copies of each prompt's cache row."""
+        rows = torch.arange(len(self.input_ids), device=self.input_ids.device)
+        self.cache.reorder(rows.repeat_interleave(beams))
 
     def step(self, tokens: torch.Tensor, rows=None) -> torch.Tensor:
         """Continue cache row ``rows[i]`` with ``tokens[i]``; logits [N, V]."""
@@ -281,6 +455,14 @@ class Stepper:
             mask = self.mask[..., :past + 1]
         out = self.model(tokens[:, None], positions, mask, self.cache)
         return out[:, -1].float()
+
+
+class SharedPrefixStepper(Stepper):
+    """A ``Stepper`` whose beams share one copy of their prompt's keys and
+    values (stage 9); each beam's generated suffix is its own."""
+
+    def repeat_cache(self, beams: int) -> None:
+        self.cache = share_prefix(self.cache, beams, self.max_new)
 
 
 def greedy_decode(model, input_ids, max_new_tokens, eos_token_id, pad_token_id,
@@ -319,6 +501,30 @@ def greedy_search(model, input_ids, *, max_new_tokens, eos_token_id=None,
                  attention_mask)
     return greedy_decode(model, input_ids, max_new_tokens, eos_token_id,
                          pad_token_id, attention_mask)[0]
+
+
+@torch.no_grad()
+def sample_continuations(model, input_ids, *, max_new_tokens, num_return_sequences=1,
+           temperature=1.0, attention_mask=None, generator=None,
+           shared_prefix=True) -> torch.Tensor:
+    """``num_return_sequences`` continuations of each prompt sampled at
+    ``temperature`` (rows prompt-major, as HF ``generate(do_sample=True)``);
+    they share their prompt's keys and values unless ``shared_prefix`` is
+    False. Returns [N * num_return_sequences, T + max_new_tokens]."""
+    check_common(model, input_ids, max_new_tokens, None, None, attention_mask)
+    n = check_int("num_return_sequences", num_return_sequences, 1)
+    check_real("temperature", temperature, 1e-6)
+    stepper = (SharedPrefixStepper if shared_prefix else Stepper)(
+        model, input_ids, attention_mask, max_new_tokens)
+    logits = stepper.prompt(n)
+    out = [input_ids.repeat_interleave(n, 0)]
+    for t in range(max_new_tokens):
+        probs = torch.softmax(logits / temperature, dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        out.append(token[:, None])
+        if t < max_new_tokens - 1:
+            logits = stepper.step(token)
+    return torch.cat(out, 1)
 
 
 @dataclass
@@ -437,12 +643,12 @@ def collect(hyps: Hypotheses, input_ids, num_return_sequences):
 
 
 def beam_decode(model, input_ids, attention_mask, B, G, rules, eos, pad,
-                penalty):
+                penalty, stepper_class=Stepper):
     """B beams in G groups from each prompt; returns the finished Hypotheses."""
     N, max_new = input_ids.shape[0], rules.max_new_tokens
     fill = filler_token(rules.scorer, eos, pad)
     state = BeamState.start(N, G, B // G, max_new, fill, input_ids.device)
-    stepper = Stepper(model, input_ids, attention_mask, max_new)
+    stepper = stepper_class(model, input_ids, attention_mask, max_new)
     logits = stepper.prompt(B)
     first_row = torch.arange(N, device=input_ids.device)[:, None] * B
     for t in range(max_new):
@@ -460,10 +666,13 @@ def beam_decode(model, input_ids, attention_mask, B, G, rules, eos, pad,
 def beam_search(model, input_ids, *, num_beams, max_new_tokens,
                 length_penalty=1.0, early_stopping=False, eos_token_id=None,
                 pad_token_id=None, attention_mask=None, num_return_sequences=1,
-                num_beam_groups=1, diversity_penalty=0.0) -> BeamOutput:
+                num_beam_groups=1, diversity_penalty=0.0,
+                shared_prefix=True) -> BeamOutput:
     """Beam search (G = 1) or diverse beam search (G > 1), as HF
     ``generate(do_sample=False)``. ``num_beams=1`` is greedy search; its
-    score is the summed log-probability / length ** length_penalty."""
+    score is the summed log-probability / length ** length_penalty. The
+    beams share their prompt's keys and values unless ``shared_prefix`` is
+    False (then each beam has a copy, as in HF)."""
     check_common(model, input_ids, max_new_tokens, eos_token_id, pad_token_id,
                  attention_mask)
     check_beam_args(num_beams, num_beam_groups, diversity_penalty,
@@ -475,9 +684,10 @@ def beam_search(model, input_ids, *, num_beams, max_new_tokens,
         return BeamOutput(seqs, logp / length.float() ** length_penalty)
     rules = Rules(num_beam_groups > 1, early_stopping, length_penalty,
                   max_new_tokens)
+    stepper_class = SharedPrefixStepper if shared_prefix else Stepper
     hyps = beam_decode(model, input_ids, attention_mask, num_beams,
                        num_beam_groups, rules, eos_token_id, pad_token_id,
-                       diversity_penalty)
+                       diversity_penalty, stepper_class)
     return collect(hyps, input_ids, num_return_sequences)
 
 

@@ -5,7 +5,7 @@ needed (``refimpl.kernels.aot``: Triton's compiler and the ptxas of the triton w
 The compiles run in one subprocess with TRITON_INTERPRET removed: conftest sets it in this
 process when CUDA is absent, and kernels decorated under the interpreter cannot be compiled.
 Triton's cache (~/.triton/cache, or TRITON_CACHE_DIR) keeps the cubins: the first run compiles
-about 140 kernels (a minute or two on two cores), later ones read them back in seconds.
+about 200 kernels (a few minutes on two cores), later ones read them back in seconds.
 """
 import json
 import os
@@ -20,9 +20,10 @@ from refimpl.kernels import aot
 from refimpl.kernels.attention import flash_attention
 from refimpl.kernels.common import MAX_BLOCK
 from refimpl.kernels.search import launch_config as search_config
+from refimpl.kernels.search import prefix_launch_config
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ["attention", "varlen", "pointer", "search", "speculative"]
+KERNELS = ["attention", "varlen", "pointer", "search", "speculative", "prefix"]
 COMPILED_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
@@ -55,6 +56,15 @@ def test_representatives_cover_every_configuration_dtype_and_flag():
 def test_search_default_blocks_are_among_the_compiled_ones():
     compiled = {dict(x.config)["BLOCK_V"] for x in aot.launches() if x.kernel == "search"}
     assert {search_config(V)["BLOCK_V"] for V in range(1, 3 * MAX_BLOCK, 7)} <= compiled
+
+
+def test_prefix_default_configs_are_among_the_compiled_ones():
+    """Every (dtype, configuration) the prefix-attention wrapper picks, for any M and D."""
+    compiled = {(x.dtype, x.config) for x in aot.launches() if x.kernel == "prefix"}
+    picked = {(dtype, tuple(sorted(prefix_launch_config(M, D, dtype).items())))
+              for dtype in (torch.float32, torch.float16, torch.bfloat16)
+              for M in range(1, 300, 5) for D in range(1, 129)}
+    assert picked <= compiled
 
 
 def test_the_subprocess_compiled_exactly_the_representatives(records):
@@ -105,6 +115,7 @@ calls = {
     "q ": lambda: packing.varlen_flash_attention(x[0], x[0], x[0], torch.tensor([0, 2], dtype=torch.int32)),
     "keys": lambda: pointer.pointer_log_probs_triton(x[0], x[0, :, 0], torch.rand(16)),
     "logits": lambda: search.group_candidates(x[0], torch.zeros(2, 8)),
+    "q  ": lambda: search.prefix_attention(x, x, x, torch.zeros(2, 8)),
     "p": lambda: speculative.verify(torch.zeros(2, 1, dtype=torch.long), torch.rand(2, 1, 5),
                                     torch.rand(2, 2, 5), torch.rand(2, 1), torch.rand(2)),
 }
@@ -122,4 +133,4 @@ print("refused", len(calls))
 def test_compiled_kernels_refuse_cpu_tensors():
     proc = subprocess.run([sys.executable, "-c", COMPILED_CPU_CALLS], cwd=ROOT, env=COMPILED_ENV,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.split() == ["refused", "5"], proc.stderr[-4000:]
+    assert proc.returncode == 0 and proc.stdout.split() == ["refused", "6"], proc.stderr[-4000:]

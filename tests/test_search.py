@@ -7,12 +7,15 @@ import pytest
 import torch
 import transformers
 
-from refimpl.hf import HFCausalLM
-from refimpl.lm import GPTConfig, TinyGPT
-from refimpl.search import (BeamOutput, beam_search, distinct_n, edit_distance, greedy_search,
-                            group_candidates, mean_logprob_per_token, mean_pairwise_edit_distance,
-                            sequence_logprobs, strip_generated)
-from tiny_hf import bias_token, tiny_hf
+from refimpl.hf import PLAIN_HEAD_FAMILIES, HFCausalLM
+from refimpl.lm import GPTConfig, TinyGPT, additive_mask
+from refimpl.search import (BeamOutput, SharedPrefixStepper, Stepper, beam_search,
+                            distinct_n, edit_distance, fused_partial_attention, greedy_search,
+                            group_candidates,
+                            mean_logprob_per_token, mean_pairwise_edit_distance, partial_attention,
+                            sample_continuations, sequence_logprobs, share_prefix, shared_prefix_attention,
+                            strip_generated)
+from tiny_hf import FAMILIES, bias_token, tiny_hf
 
 transformers.logging.set_verbosity_error()
 V, EOS, PAD, MAX_NEW = 40, 3, 5, 8
@@ -326,3 +329,184 @@ def test_prompt_len_and_mask_are_checked():
         with pytest.raises(ValueError, match="prompt_len must be an int in \\[1, 5\\]"):
             strip_generated(seqs, prompt_len)
     assert strip_generated(seqs, 5) == [[]]
+
+
+# ---- stage 9: the shared-prefix cache ----
+
+def test_shared_prefix_attention_equals_attention_over_all_keys():
+    # 3 prompts x 4 beams, 2 query heads per key head (GQA), 2 new queries per beam, and left
+    # padding on prompt 1; the oracle is torch's attention over each beam's full key sequence
+    g = torch.Generator().manual_seed(0)
+    N, B, Hkv, G, P, S, T, D = 3, 4, 2, 2, 11, 5, 2, 8
+    q = torch.randn(N * B, Hkv * G, T, D, generator=g)
+    pk, pv = torch.randn(2, N, Hkv, P, D, generator=g)
+    sk, sv = torch.randn(2, N * B, Hkv, S, D, generator=g)
+    keep = torch.ones(N * B, 1, T, P + S, dtype=torch.bool)
+    keep[B:2 * B, ..., :3] = False
+    keep[..., P:] &= torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    full_k, full_v = (torch.cat([p.repeat_interleave(B, 0), s], 2).repeat_interleave(G, 1)
+                      for p, s in ((pk, sk), (pv, sv)))
+    for mask in (additive_mask(keep), None):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, full_k, full_v, attn_mask=mask, is_causal=False) if mask is not None else \
+            torch.nn.functional.scaled_dot_product_attention(
+                q, full_k, full_v, attn_mask=additive_mask(torch.ones(T, P + S, dtype=torch.bool)
+                                                           .tril(P + S - T)))
+        out = shared_prefix_attention(q, pk, pv, sk, sv, mask)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_partial_attention_lse_is_the_logsumexp_of_the_scores():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 3, 4, 1, 8, generator=g), *torch.randn(2, 2, 3, 9, 8, generator=g)
+    out, lse = partial_attention(q, k, v, scale=0.3)
+    scores = torch.einsum("nhmtd,nhsd->nhmts", q, k) * 0.3
+    torch.testing.assert_close(lse, scores.logsumexp(-1))
+    torch.testing.assert_close(out, torch.einsum("nhmts,nhsd->nhmtd", scores.softmax(-1), v))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_equals_hf_generate_on_every_family(family):
+    extra = {"bos_token_id": 0, "eos_token_id": EOS} if family == "gpt2" else {}
+    model = bias_token(tiny_hf(family, vocab=V, **extra), EOS, 1.5)
+    ids, mask = prompts()
+    for B, G, dp in ((4, 1, 0.0), (4, 2, 0.5)):
+        kw = dict(num_beams=B, num_beam_groups=G, diversity_penalty=dp, max_new_tokens=MAX_NEW,
+                  eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=B)
+        ref = hf_generate(model, ids, mask, **kw)
+        for vocab_major in (False, True):
+            ours = beam_search(HFCausalLM(model, vocab_major_head=vocab_major) if family in
+                               PLAIN_HEAD_FAMILIES else HFCausalLM(model), ids, attention_mask=mask,
+                               shared_prefix=True, **kw)
+            assert torch.equal(ours.sequences, ref.sequences), (family, kw)
+            torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("prompt_len", [512, 1024])
+@pytest.mark.parametrize("num_beams,num_beam_groups,diversity_penalty", [(4, 1, 0.0), (8, 1, 0.0),
+                                                                         (8, 4, 0.5)])
+def test_long_prompts_equal_hf_generate(kind, prompt_len, num_beams, num_beam_groups,
+                                        diversity_penalty):
+    extra = {"bos_token_id": 0, "eos_token_id": EOS} if kind == "gpt2" else {}
+    model = bias_token(tiny_hf(kind, vocab=V, positions=prompt_len + MAX_NEW, **extra), EOS, 0.5)
+    ids = torch.randint(6, V, (2, prompt_len), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    ids[1, :100], mask[1, :100] = PAD, 0
+    kw = dict(num_beams=num_beams, num_beam_groups=num_beam_groups,
+              diversity_penalty=diversity_penalty, max_new_tokens=MAX_NEW, eos_token_id=EOS,
+              pad_token_id=PAD, num_return_sequences=num_beams)
+    ref = hf_generate(model, ids, mask, **kw)
+    for shared_prefix in (True, False):
+        ours = beam_search(HFCausalLM(model), ids, attention_mask=mask, shared_prefix=shared_prefix,
+                           **kw)
+        assert torch.equal(ours.sequences, ref.sequences), (shared_prefix, kw)
+        torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
+
+
+def workbench_model(seed=0):
+    """A random workbench model, its logits sharpened 6x so that its next-token laws are far
+    from uniform."""
+    torch.manual_seed(seed)
+    model = TinyGPT(GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
+    with torch.no_grad():
+        model.ln_f.weight *= 6
+    return model
+
+
+def test_shared_prefix_cache_stores_the_prompt_once_and_moves_only_suffixes():
+    model, (ids, mask) = workbench_model(), prompts()
+    plain, shared = Stepper(model, ids, mask, 10), SharedPrefixStepper(model, ids, mask, 10)
+    torch.testing.assert_close(shared.prompt(4), plain.prompt(4))
+    rows = torch.tensor([1, 1, 0, 3, 6, 4, 4, 5])  # beams move within their prompt
+    for step in range(3):
+        tokens = torch.arange(8) + step
+        torch.testing.assert_close(shared.step(tokens, rows), plain.step(tokens, rows), atol=1e-5,
+                                   rtol=1e-5)
+    cache = shared.cache
+    assert cache.prefix[0][0].shape[0] == 2 and cache.batch_size == 8 and len(cache) == 6 + 3
+    prompt_bytes = sum(k.nbytes + v.nbytes for k, v in cache.prefix)
+    plain_prompt_bytes = sum(k[:, :, :6].nbytes + v[:, :, :6].nbytes for k, v in plain.cache.kv())
+    assert prompt_bytes * 4 == plain_prompt_bytes
+    before = cache.suffix.k[:, :, :, :3].clone()
+    cache.reorder(rows)
+    torch.testing.assert_close(cache.suffix.k[:, :, :, :3], before[:, rows])
+    with pytest.raises(ValueError, match="each a beam of its own prompt"):
+        cache.reorder(torch.tensor([4, 1, 2, 3, 4, 5, 6, 7]))  # row 0 takes a beam of prompt 1
+    with pytest.raises(ValueError, match="index must hold 8 rows"):
+        cache.reorder(torch.arange(4))
+    with pytest.raises(ValueError, match="cache holds 8 rows but input_ids has 4"):
+        model(torch.zeros(4, 1, dtype=torch.long), cache=cache)  # another batch layout
+    with pytest.raises(ValueError, match="length must be an int in"):
+        cache.crop(5)  # into the shared prompt
+    with pytest.raises(ValueError, match="must hold the encoded prompts"):
+        share_prefix(model.empty_cache(2), 4, 10)
+    with pytest.raises(ValueError, match="beams must be an int"):
+        share_prefix(plain.cache, 0, 10)
+
+
+def test_shared_prefix_runs_out_of_room_with_a_clear_error():
+    model, (ids, _) = workbench_model(), prompts()
+    stepper = SharedPrefixStepper(model, ids, None, 1)
+    stepper.prompt(2)
+    stepper.step(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"T \(new positions\) must be an int in \[0, 0\]"):
+        stepper.step(torch.zeros(4, dtype=torch.long))
+
+
+def test_beam_search_shared_prefix_on_the_workbench_model():
+    model, (ids, mask) = workbench_model(), prompts()
+    for G, dp in ((1, 0.0), (2, 0.7)):
+        kw = dict(num_beams=4, num_beam_groups=G, diversity_penalty=dp, max_new_tokens=10,
+                  eos_token_id=EOS, pad_token_id=PAD, attention_mask=mask, num_return_sequences=4)
+        a, b = beam_search(model, ids, shared_prefix=True, **kw), beam_search(model, ids, **{
+            **kw, "attention_mask": mask}, shared_prefix=False)
+        assert torch.equal(a.sequences, b.sequences)
+        torch.testing.assert_close(a.sequences_scores, b.sequences_scores, atol=1e-5, rtol=0)
+
+
+def test_sample_shares_the_prefix_and_keeps_the_law():
+    model, (ids, mask) = workbench_model(), prompts()
+    kw = dict(max_new_tokens=6, num_return_sequences=5, attention_mask=mask)
+    a = sample_continuations(model, ids, generator=torch.Generator().manual_seed(3), **kw)
+    b = sample_continuations(model, ids, generator=torch.Generator().manual_seed(3), shared_prefix=False, **kw)
+    assert a.shape == (10, 12) and torch.equal(a[:, :6], ids.repeat_interleave(5, 0))
+    assert torch.equal(a, b)  # same draws from logits equal to ~1e-6
+    # the first token's law: 4000 draws of prompt 0 against its exact probabilities (chi-square,
+    # 39 degrees of freedom: the 0.999 quantile is 72.1), and a negative control at temperature 2
+    p = torch.softmax(model(ids[:1])[0, -1].float(), -1).detach()
+    draws = sample_continuations(model, ids[:1], max_new_tokens=1, num_return_sequences=4000,
+                   generator=torch.Generator().manual_seed(4))[:, -1]
+    hot = sample_continuations(model, ids[:1], max_new_tokens=1, num_return_sequences=4000, temperature=2.0,
+                 generator=torch.Generator().manual_seed(4))[:, -1]
+
+    def chi2(tokens):
+        counts = torch.bincount(tokens, minlength=V).float()
+        return float(((counts - 4000 * p) ** 2 / (4000 * p)).sum())
+    assert chi2(draws) < 72.1 < chi2(hot)
+    for bad, name in ((dict(num_return_sequences=0), "num_return_sequences"),
+                      (dict(temperature=0.0), "temperature"), (dict(max_new_tokens=0), "max_new_tokens")):
+        with pytest.raises(ValueError, match=name):
+            sample_continuations(model, ids, **{"max_new_tokens": 2, **bad})
+
+
+def test_fused_partial_attention_equals_the_math():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 2, 6, 3, 16, generator=g)  # N, Hkv, M, T, D
+    k, v = torch.randn(2, 2, 2, 29, 16, generator=g)
+    keep = torch.rand(2, 1, 1, 3, 29, generator=g) > 0.3
+    keep[..., 0] = True  # every query sees a key
+    for mask in (None, additive_mask(keep)):
+        (out, lse), (ref, ref_lse) = (fn(q, k, v, mask, 0.2) for fn in (fused_partial_attention,
+                                                                        partial_attention))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_vocab_major_head_gives_the_same_logits_and_refuses_other_heads():
+    model = tiny_hf("gpt2", vocab=V)
+    ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(HFCausalLM(model, vocab_major_head=True)(ids), HFCausalLM(model)(ids),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="vocab_major_head"):
+        HFCausalLM(tiny_hf("gemma", vocab=V), vocab_major_head=True)

@@ -60,7 +60,7 @@ def _pow2(lo, hi):
 def launches():
     """Every (dtype, flags, configuration) each wrapper can launch, over all the shapes that its
     launch-config function tells apart (next_power_of_2 changes only at powers of two)."""
-    from refimpl.kernels import attention, common, pointer
+    from refimpl.kernels import attention, common, pointer, search
 
     def items(d):
         return tuple(sorted(d.items()))
@@ -72,6 +72,11 @@ def launches():
             yield Launch(kernel, dtype, (("CAUSAL", causal),), config)
     for dtype, masked, n in itertools.product(dtypes, (True, False), range(1, pointer.MAX_N + 1)):
         yield Launch("pointer", dtype, (("HAS_MASK", masked),), items(pointer.launch_config(n)))
+    # M queries per (prompt, kv head): BLOCK_M changes only at powers of two, capped at 64
+    for dtype, masked, M, D in itertools.product(dtypes, (True, False), _pow2(1, 128),
+                                                 range(1, attention.MAX_HEAD_DIM + 1)):
+        config = items(search.prefix_launch_config(M, D, dtype))
+        yield Launch("prefix", dtype, (("HAS_MASK", masked),), config)
     # block_v: any power of two the wrappers accept (search's default for a vocabulary is one)
     for dtype, block in itertools.product(dtypes, _pow2(16, common.MAX_BLOCK)):
         for penalty in (True, False):
@@ -139,6 +144,10 @@ def _kernel_spec(name, dtype, flags):
         mask = "*u8" if dict(flags)["HAS_MASK"] else "*fp32"
         types = {"Keys": t, "Query": t, "V": t, "Mask": mask, "Out": "*fp32"}
         return pointer._pointer_kernel, types, (), ("skh", "sqh", "sv"), {}
+    if name == "prefix":  # the key mask is fp32 (without one, lse is passed as a dummy)
+        types = {"Q": t, "K": t, "V": t, "Mask": "*fp32", "Out": "*fp32", "Lse": "*fp32"}
+        units = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
+        return search._prefix_attention_kernel, types, ("sm_scale",), units, {"IEEE": False}
     if name == "search":
         types = {"Logits": t, "Running": "*fp32", "Counts": "*fp32", "OutVal": "*fp32", "OutIdx": "*i64"}
         return search._group_candidates_kernel, types, ("penalty",), (), {}
