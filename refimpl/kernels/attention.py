@@ -52,6 +52,22 @@ def _tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One key tile of the online softmax (FlashAttention-2, Algorithm 1): scores s
+    [BLOCK_M, BLOCK_N] (-inf where a key is hidden) and values v [BLOCK_N, BLOCK_D] update
+    the running max m, normaliser l and unnormalised output acc of each query row."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows with no visible key yet keep m = -inf: shift them by 0, not by
+    # -inf (inf - inf = NaN)
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_shift[:, None])
+    alpha = tl.exp(m_i - m_shift)  # rescales what was summed so far
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p, v, IEEE)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_inner(
         q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, offs_m,
         offs_d, S, D, hi, sm_scale, causal_offset, CAUSAL: tl.constexpr,
@@ -76,15 +92,7 @@ def _attn_fwd_inner(
             diag = offs_m[:, None] + causal_offset
             visible = visible & (cols[None, :] <= diag)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows with no visible key yet keep m = -inf: shift them by 0, not by
-        # -inf (inf - inf = NaN)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_shift[:, None])
-        alpha = tl.exp(m_i - m_shift)  # rescales what was summed so far
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p, v, IEEE)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
     return acc, l_i, m_i
 
 

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from refimpl.kernels.attention import _attn_store, _tile
+from refimpl.kernels.attention import _attn_store, _online_softmax_step, _tile
 from refimpl.kernels.attention import launch_config as attention_launch_config
 from refimpl.kernels.common import (FLOAT_DTYPES, MAX_BLOCK, check_block, check_device, check_launch,
                                     check_same_device, interpreted, mma)
@@ -161,14 +161,7 @@ def _prefix_attn_inner(q, k_base, v_base, mask_row, stride_ks, stride_kd,
         if HAS_MASK:  # the prompt's key mask: 0, or large negative (padding)
             s = s + tl.load(mask_row + cols, mask=cols < S, other=0.0)[None, :]
         s = tl.where(cols[None, :] < S, s, float("-inf"))  # past the last key
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen only -inf keeps m = -inf: shift it by 0
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_shift[:, None])
-        alpha = tl.exp(m_i - m_shift)  # rescales what was summed so far
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p, v, IEEE)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
     return acc, l_i, m_i
 
 
