@@ -27,7 +27,7 @@ key gets O = 0 and LSE = -inf.
 The kernel is four ``@triton.jit`` functions, each short enough to read in one
 cell of chapter 0 (notebooks/00_workbench.ipynb), which shows them verbatim:
 ``_tile`` (pointers and bounds mask of a 2-D tile), ``_attn_fwd_inner`` (the loop
-over key tiles: masks and online softmax), ``_attn_store`` (O = acc / l, LSE) and
+over key tiles: masks, and ``_online_softmax_step`` per tile), ``_attn_store`` (O = acc / l, LSE) and
 ``_attn_fwd_kernel`` (what one program owns, the causal skip).
 """
 from __future__ import annotations
@@ -53,9 +53,10 @@ def _tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 @triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
-    """One key tile of the online softmax (FlashAttention-2, Algorithm 1): scores s
-    [BLOCK_M, BLOCK_N] (-inf where a key is hidden) and values v [BLOCK_N, BLOCK_D] update
-    the running max m, normaliser l and unnormalised output acc of each query row."""
+    """One key tile of the online softmax (FlashAttention-2, Algorithm 1):
+    scores s [BLOCK_M, BLOCK_N] (-inf where a key is hidden) and values v
+    [BLOCK_N, BLOCK_D] update each query row's running max m, normaliser l
+    and unnormalised output acc."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # rows with no visible key yet keep m = -inf: shift them by 0, not by
     # -inf (inf - inf = NaN)
