@@ -16,7 +16,8 @@ Two parts:
   model: HF, our loop with a plain cache (the prompt copied into every beam, as HF),
   with the shared-prefix cache, and with the shared-prefix cache and the vocabulary-major
   LM head (``HFCausalLM(vocab_major_head=True)``), each prompt's four runs back to back;
-  the KV-cache bytes of each, and at 1024 tokens the peak RSS of each in a fresh process.
+  the KV-cache bytes of each, and at 1024 tokens how far each raises the resident memory of a
+  fresh process.
 
 The vocabulary-major head is used for the 50257-token model only: chapter 2 times the
 head's product both ways on random rows, and only at a large vocabulary is it faster.
@@ -107,7 +108,7 @@ def prompt_set(vocab, length, count, seed=0):
     return [torch.randint(0, vocab - 1, (1, length), generator=g) for _ in range(count)]
 
 
-def peak_rss_mib(method: str, prompt_len: int = TARGET_LEN) -> float:
+def rss_rise_mib(method: str, prompt_len: int = TARGET_LEN) -> float:
     """How far a fresh process's resident memory rises above its level with the long model
     built while it runs ``method`` once, MiB (Linux: the peak is reset through
     /proc/self/clear_refs after the build, then read as VmHWM)."""
@@ -121,7 +122,7 @@ def _status_mib(field):
     return int(line.split()[1]) / 1024
 
 
-def _peak_rss_main(method, prompt_len):
+def _rss_rise_main(method, prompt_len):
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     hf, prompt = long_model(), prompt_set(MODELS[LONG_MODEL][2], prompt_len, 1)[0]
@@ -269,7 +270,7 @@ def run(repeats: int = 9, prompts_per_length: int = 4) -> dict:
                   "kv_share": r["kv_share"]} for r in long])
     head = head_product_ms(models)
     print_table(head)
-    rss = {m: peak_rss_mib(m) for m in METHODS}
+    rss = {m: rss_rise_mib(m) for m in METHODS}
     print("resident memory rise while decoding, MiB, prompt", TARGET_LEN, json.dumps(rss))
     results = {"models": {name: dict(zip(("n_layer", "n_embd", "vocab_size", "vocab_major_head"),
                                          shape)) for name, shape in MODELS.items()},
@@ -277,10 +278,10 @@ def run(repeats: int = 9, prompts_per_length: int = 4) -> dict:
                "long": long, "long_setting": {"model": LONG_MODEL, "num_beams": LONG_BEAMS,
                                               "new_tokens": LONG_NEW, "target_len": TARGET_LEN,
                                               "prompts_per_length": prompts_per_length},
-               "peak_rss_mib": rss, "head_product_ms": head}
+               "rss_rise_mib": rss, "head_product_ms": head}
     write_results("search", results, plot)
     return results
 
 
 if __name__ == "__main__":
-    _peak_rss_main(sys.argv[1], int(sys.argv[2]))
+    _rss_rise_main(sys.argv[1], int(sys.argv[2]))

@@ -46,6 +46,7 @@ from refimpl.kernels.attention import _attn_store, _online_softmax_step, _tile
 from refimpl.kernels.attention import launch_config as attention_launch_config
 from refimpl.kernels.common import (FLOAT_DTYPES, MAX_BLOCK, check_block, check_device, check_launch,
                                     check_same_device, interpreted, mma)
+from refimpl.lm import shape_or_type
 from refimpl.search import check_candidate_args
 
 
@@ -238,9 +239,9 @@ def check_prefix_args(q, k, v, key_mask):
     """ValueError for ``prefix_attention``: shapes, dtypes and devices; -> N, Hkv, M, S, D."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             dims = "M" if name == "q" else "S"
-            raise ValueError(f"{name} must be a 4-D tensor [N, Hkv, {dims}, D], got {got}")
+            raise ValueError(f"{name} must be a 4-D tensor [N, Hkv, {dims}, D], "
+                             f"got {shape_or_type(t)}")
     if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q.dtype must be float32, float16 or bfloat16, got {q.dtype}")
     check_same_device("q", q, k=k, v=v, key_mask=key_mask)
