@@ -276,6 +276,8 @@ class HFCausalLM(nn.Module):
         hidden = self.hf.base_model(**inputs).last_hidden_state
         hidden = hidden[:, -logits_to_keep:]  # -0: every position
         head = self.hf.get_output_embeddings()
-        logits = (head.weight @ hidden.flatten(0, 1).T).T.reshape(*hidden.shape[:2], -1)
+        # contiguous: reductions over the vocabulary of the transposed product are slow
+        logits = (head.weight @ hidden.flatten(0, 1).T).T.contiguous()
+        logits = logits.view(*hidden.shape[:2], -1)
         return logits if head.bias is None else logits + head.bias
 
