@@ -53,6 +53,20 @@ def interleaved_seconds(*fns, repeats: int = 5) -> list[float]:
     return [statistics.median(times[i]) for i in range(len(fns))]
 
 
+def passage_starts(n_tokens: int, count: int, phase: float, length: int) -> list[int]:
+    """``count`` starts of ``length``-token passages spread evenly over a split of ``n_tokens``
+    (the benchmarks' prompt sets); a tuning set at phase 0.5 with a quarter as many passages
+    and a reported set at phase 0.25 keep a quarter of the reported spacing apart."""
+    span = n_tokens - length
+    return [int((i + phase) * span / count) for i in range(count)]
+
+
+def summary(values) -> dict:
+    """Median, interquartile range and range of per-prompt values."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": statistics.median(values), "iqr": [q1, q3], "range": [min(values), max(values)]}
+
+
 def environment() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "processor": platform.processor() or "unknown",

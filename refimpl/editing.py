@@ -139,28 +139,35 @@ def damerau_distance(a: str, b: str) -> int:
     return d[-1][-1]
 
 
+def correction_score(misspelt: str, written: str, answer: str) -> dict:
+    """How a model's ``written`` answer (``len(answer)`` characters) corrects the ``misspelt``
+    passage whose correct ``answer`` (passage and END) is given: the edit distances to the correct
+    passage of the input and of the answer, the typos (words of the input that differ from the
+    truth's) and how many of them the answer has right (its word at the typo's place)."""
+    truth, written = answer[:-len(END)], written[:-len(END)]
+    words = written.split(" ")
+    typos = [k < len(words) and words[k] == w_true
+             for k, (w_in, w_true) in enumerate(zip(misspelt.split(" "), truth.split(" "))) if w_in != w_true]
+    return {"distance_input": damerau_distance(misspelt, truth),
+            "distance_answer": damerau_distance(written, truth), "typos": len(typos), "fixed": sum(typos)}
+
+
 def correction_stats(model, tok: CharTokenizer, text: str, num: int, length: int = 80, num_typos: int = 2,
                      seed: int = 4, gamma: int = 8) -> dict:
     """Greedy answers of ``model`` to ``num`` passages of ``text``, decoded with prompt lookup
-    (exact: the model's own greedy answers). Returns the summed edit distances to the correct
-    passages of the misspelt inputs and of the answers, how many typos were fixed (the answer's word
-    at the typo's place is right) and the mean tokens per target call."""
+    (exact: the model's own greedy answers). Returns the summed ``correction_score`` of the answers
+    and the mean tokens per target call."""
     check_int("num", num, 1)
     g = torch.Generator().manual_seed(seed)
     stats = {"passages": num, "distance_input": 0, "distance_answer": 0, "typos": 0, "fixed": 0,
              "tokens_per_call": 0.0}
     for _ in range(num):
         prompt, answer = edit_example(sample_passage(text, length, g), num_typos, g)
-        x, misspelt, truth = torch.tensor([tok.encode(prompt)]), prompt[:-len(SEP)], answer[:-len(END)]
+        x = torch.tensor([tok.encode(prompt)])
         out, run = speculative_generate(model, PromptLookup(), x, max_new_tokens=len(answer), gamma=gamma,
                                         greedy=True)
-        written = tok.decode(out[0, x.shape[1]:])[:-len(END)]
-        stats["distance_input"] += damerau_distance(misspelt, truth)
-        stats["distance_answer"] += damerau_distance(written, truth)
-        words = written.split(" ")
-        typos = [k < len(words) and words[k] == w_true
-                 for k, (w_in, w_true) in enumerate(zip(misspelt.split(" "), truth.split(" "))) if w_in != w_true]
-        stats["typos"] += len(typos)
-        stats["fixed"] += sum(typos)
+        score = correction_score(prompt[:-len(SEP)], tok.decode(out[0, x.shape[1]:]), answer)
+        for key, value in score.items():
+            stats[key] += value
         stats["tokens_per_call"] += run.tokens_per_call / num
     return stats

@@ -53,7 +53,7 @@ PRESETS = {
     "draft": Preset(n_layer=1, n_head=4, n_embd=128, batch_size=16, steps=3000, lr=3e-3),
     # A two-layer draft trained to match the target's next-character distribution (knowledge
     # distillation, Hinton et al. 2015; for speculative decoding: DistillSpec, Zhou et al. 2023).
-    "draft_distilled": Preset(n_layer=2, n_head=4, n_embd=128, batch_size=16, steps=3000, lr=3e-3,
+    "draft_distilled": Preset(n_layer=2, n_head=4, n_embd=128, batch_size=16, steps=6000, lr=3e-3,
                               teacher="target", teacher_samples=1024),
     # The target fine-tuned to correct misspelt passages (refimpl.editing), a copy-heavy task like
     # the grammar correction of Aggressive Decoding (Ge et al. 2022), for prompt lookup.

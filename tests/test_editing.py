@@ -3,8 +3,8 @@ import torch
 
 from refimpl import lm
 from refimpl.data import CharTokenizer, splits
-from refimpl.editing import (END, SEP, corrupt, correction_stats, damerau_distance, edit_batch, edit_example,
-                             edit_loss, misspell, sample_passage)
+from refimpl.editing import (END, SEP, corrupt, correction_score, correction_stats, damerau_distance, edit_batch,
+                             edit_example, edit_loss, misspell, sample_passage)
 from refimpl.speculative import PromptLookup, autoregressive_generate, speculative_generate
 
 
@@ -100,6 +100,15 @@ def test_editor_copies_and_corrects_held_out_passages_and_prompt_lookup_drafts_t
     assert ed["distance_answer"] <= 2 * ed["distance_input"] and plain["distance_answer"] >= 10 * 16
     assert ed["fixed"] >= ed["typos"] / 2 and plain["fixed"] <= 2
     assert ed["tokens_per_call"] > 4 > 2 > plain["tokens_per_call"]
+
+
+def test_correction_score_counts_by_hand():
+    """Two typos (two swaps, edit distance 2 from the truth); the answer fixes one and keeps the
+    other, and a dropped word end counts against it too."""
+    score = correction_score("teh cat sta on", "the cat sta o" + END, "the cat sat on" + END)
+    assert score == {"distance_input": 2, "distance_answer": 2, "typos": 2, "fixed": 1}
+    assert correction_score("a bb", "a bb" + END, "a bb" + END) == {
+        "distance_input": 0, "distance_answer": 0, "typos": 0, "fixed": 0}
 
 
 def test_prompt_lookup_answers_are_the_editors_greedy_answers(tok, val_text, editor):

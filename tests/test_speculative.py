@@ -14,7 +14,7 @@ import torch
 
 from refimpl.hf import HFCausalLM
 from refimpl.lm import GPTConfig, KVCache, TinyGPT
-from refimpl.speculative import (AdaptiveGamma, DraftModel, NGramTable, PromptLookup, SpecStats,
+from refimpl.speculative import (AdaptiveGamma, DraftModel, LeanDecoder, NGramTable, PromptLookup, SpecStats,
                                  acceptance_rate, autoregressive_generate, batch_inputs, expected_speedup,
                                  expected_tokens_per_call, greedy_accept, lookup_continuation, realign,
                                  rollback_cache, speculative_accept, speculative_generate)
@@ -587,6 +587,11 @@ BAD_CALLS = {
     "speculative gamma bool": (lambda: speculative_generate(tiny(0), PromptLookup(), ids(1, 3), max_new_tokens=2,
                                                             gamma=True), "gamma"),
     "DraftModel model": (lambda: DraftModel("gpt2"), "model must"),
+    "LeanDecoder model": (lambda: LeanDecoder(tiny_hf("gpt2")), "model must be a refimpl.lm.TinyGPT"),
+    "LeanDecoder token id": (lambda: LeanDecoder(tiny(0))(ids(1, 2) + 20, cache=tiny(0).empty_cache(1)),
+                             "input_ids"),
+    "LeanDecoder past block": (lambda: LeanDecoder(tiny(0, block=4))(ids(1, 5), cache=tiny(0).empty_cache(1)),
+                               "block_size"),
     "speculative drafter": (lambda: speculative_generate(tiny(0), 3, ids(1, 3), max_new_tokens=2), "model must"),
 }
 
@@ -596,3 +601,81 @@ def test_check_functions_name_the_argument(case):
     call, match = BAD_CALLS[case]
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ------------------------------------------------------------------ LeanDecoder
+
+def lean_and_plain_calls(model, steps):
+    """Run the same calls (input ids, mask) through ``model`` and ``LeanDecoder(model)``, each with
+    its own cache; returns per call the two logits and the two caches' keys and values."""
+    caches = [model.empty_cache(1), model.empty_cache(1)]
+    out = []
+    with torch.no_grad():
+        for x, mask in steps:
+            logits = [f(x, None, mask, c) for f, c in zip((model, LeanDecoder(model)), caches)]
+            kv = [(c.k[:, :, :, :len(c)].clone(), c.v[:, :, :, :len(c)].clone()) for c in caches]
+            out.append((logits, kv))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lean_decoder_gives_the_models_numbers_bit_for_bit(dtype):
+    """The oracle is the model's own forward: prompt (causal, no mask), one-token steps, a
+    two-token step and a verification step with an explicit causal mask (speculative decoding's)."""
+    from refimpl.lm import causal_mask
+    model = tiny(0).to(dtype)
+    steps = [(ids(1, 7), None), (ids(1, 1, seed=2), None), (ids(1, 2, seed=3), None),
+             (ids(1, 5, seed=4), causal_mask(5, 15, dtype=dtype)[None, None]), (ids(1, 1, seed=5), None)]
+    for (a, b), (kv_a, kv_b) in lean_and_plain_calls(model, steps):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+        assert torch.equal(kv_a[0], kv_b[0]) and torch.equal(kv_a[1], kv_b[1])
+
+
+def test_lean_decoder_hands_other_calls_to_the_model(pair):
+    """Batches, explicit positions, no cache, another backend: the model's forward,
+    so the same results as calling it directly."""
+    model = pair[0]
+    lean = LeanDecoder(model)
+    with torch.no_grad():
+        x = ids(2, 6)
+        assert torch.equal(lean(x), model(x))
+        c1, c2 = model.empty_cache(2), model.empty_cache(2)
+        assert torch.equal(lean(x, cache=c1), model(x, cache=c2))
+        pos = torch.arange(3, 9)[None]
+        assert torch.equal(lean(x[:1], pos, cache=model.empty_cache(1)),
+                           model(x[:1], pos, cache=model.empty_cache(1)))
+        model.attn_backend = "math"
+        try:
+            assert torch.equal(lean(x[:1], cache=model.empty_cache(1)), model(x[:1], cache=model.empty_cache(1)))
+        finally:
+            model.attn_backend = "sdpa"
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_speculative_decoding_through_lean_decoders_is_unchanged(pair, greedy):
+    """Target and draft behind LeanDecoder: the same tokens as the plain models, greedy and sampled
+    (same generator seed), and greedy equal to autoregressive decoding."""
+    target, draft = pair
+    prompt = ids(1, 6)
+    kw = dict(max_new_tokens=24, gamma=4, greedy=greedy)
+    plain, _ = speculative_generate(target, DraftModel(draft), prompt, generator=gen(3), **kw)
+    lean, _ = speculative_generate(LeanDecoder(target), DraftModel(LeanDecoder(draft)), prompt,
+                                   generator=gen(3), **kw)
+    assert torch.equal(plain, lean)
+    if greedy:
+        assert torch.equal(lean, autoregressive_generate(target, prompt, max_new_tokens=24, greedy=True))
+
+
+def test_benchmark_reports_on_passages_it_never_tuned_on():
+    """The speculative benchmark's held-out prompts (and copy-task passages) and its tuning ones:
+    at least 32 reported, windows (prompt and continuation) that never overlap."""
+    from refimpl.bench import passage_starts
+    from refimpl.benchmarks import speculative as bench
+    from refimpl.data import CharTokenizer, splits
+    n = len(splits(CharTokenizer.from_corpus())[1])
+    for length in (bench.PROMPT_LEN + bench.NEW_TOKENS, 2 * bench.COPY_LEN):
+        held = passage_starts(n, bench.HELD_OUT, 0.25, length)
+        tune = passage_starts(n, bench.TUNING, 0.5, length)
+        windows = sorted((s, s + length) for s in held + tune)
+        assert len(set(held)) == bench.HELD_OUT >= 32 and len(set(tune)) == bench.TUNING
+        assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:])) and windows[-1][1] <= n

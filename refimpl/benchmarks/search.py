@@ -7,15 +7,17 @@ the check would catch a difference if it were).
 
 Two parts:
 
-* the grid of short prompts (32 and 128 tokens), ours with the shared-prefix cache. A
-  third timing runs the model calls of our loop and nothing else (the prompts once, then
+* the grid of short prompts (32 and 128 tokens), each setting on 16 batches of 2 random
+  prompts (medians over the batches, each batch's three timings back to back), ours with
+  the shared-prefix cache. A third timing runs the model calls of our loop and nothing else (the prompts once, then
   max_new_tokens - 1 one-token steps of every beam, no search, no reordering): no loop
   around the same forward passes can beat HF by more than t_hf / t_forwards, the
   "ceiling" column, and ours / ceiling is the share of the time our loop spends in them;
 * long prompts (128 to 2048 tokens), 8 beams, 128 new tokens, on the GPT-2-vocabulary
   model: HF, our loop with a plain cache (the prompt copied into every beam, as HF),
   with the shared-prefix cache, and with the shared-prefix cache and the vocabulary-major
-  LM head (``HFCausalLM(vocab_major_head=True)``), each prompt's four runs back to back;
+  LM head (``HFCausalLM(vocab_major_head=True)``), each prompt's four runs back to back,
+  on 32 prompts at 1024 tokens (the target setting) and 4 at the other lengths;
   the KV-cache bytes of each, and at 1024 tokens how far each raises the resident memory of a
   fresh process.
 
@@ -34,7 +36,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from refimpl.bench import interleaved_seconds, paired_seconds, print_table, write_results
+from refimpl.bench import paired_seconds, print_table, summary, write_results
 from refimpl.hf import HFCausalLM
 from refimpl.search import SharedPrefixStepper, Stepper, beam_search
 
@@ -149,26 +151,43 @@ def head_product_ms(models, rows=(1, 2, 4, 8, 16, 32), repeats=9) -> list[dict]:
     return out
 
 
-def run_grid(models, repeats):
+def prompt_batches(vocab, length, batches, seed=0):
+    """``batches`` batches of 2 random prompts of ``length`` tokens (the short grid's prompt set)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab - 1, (2, length), generator=g) for _ in range(batches)]
+
+
+def run_grid(models, batches):
+    """Per short setting, ``batches`` batches of 2 prompts: per batch the outputs checked identical,
+    then HF, ours and our forward passes alone back to back (a warm-up round on the first); the
+    ratios per batch, and their medians and spread."""
     rows = []
     for name, prompt_len, B, G, dp in tqdm(CASES, desc="search, short prompts"):
         hf = models[name]
-        prompts = torch.randint(0, hf.config.vocab_size - 1, (2, prompt_len),
-                                generator=torch.Generator().manual_seed(0))
-        run = decoders(hf, prompts, B, 32, G, dp, vocab_major=MODELS[name][3])
         ours = HFCausalLM(hf, vocab_major_head=MODELS[name][3])
-        run_ours = run["shared + vocab-major head"]
-        same = torch.equal(run["hf"](), run_ours())
-        if not same:
-            raise AssertionError(f"outputs differ for num_beams={B}, groups={G}")
-        t_hf, t_ours, t_forwards = interleaved_seconds(
-            run["hf"], run_ours, lambda: forwards(ours, prompts, B, 32), repeats=repeats)
+        per = []
+        for i, prompts in enumerate(prompt_batches(hf.config.vocab_size, prompt_len, batches)):
+            run = decoders(hf, prompts, B, 32, G, dp, vocab_major=MODELS[name][3])
+            fns = {"hf": run["hf"], "ours": run["shared + vocab-major head"],
+                   "forwards": lambda prompts=prompts: forwards(ours, prompts, B, 32)}
+            if not torch.equal(fns["hf"](), fns["ours"]()):
+                raise AssertionError(f"outputs differ for num_beams={B}, groups={G}")
+            if i == 0:
+                fns["forwards"]()
+            per.append({m: timed(fn)[0] for m, fn in fns.items()})
         tokens = 2 * 32
+        speedup = summary([t["hf"] / t["ours"] for t in per])
+        share = summary([t["forwards"] / t["ours"] for t in per])
         rows.append({"model": name, "prompt_len": prompt_len, "num_beams": B, "groups": G,
-                     "penalty": dp, "identical": same,
-                     "hf_tokens_per_s": tokens / t_hf, "ours_tokens_per_s": tokens / t_ours,
-                     "speedup": t_hf / t_ours, "forwards_tokens_per_s": tokens / t_forwards,
-                     "ceiling": t_hf / t_forwards, "share_of_ceiling": t_forwards / t_ours})
+                     "penalty": dp, "identical": True, "prompts": 2 * batches,
+                     "hf_tokens_per_s": statistics.median(tokens / t["hf"] for t in per),
+                     "ours_tokens_per_s": statistics.median(tokens / t["ours"] for t in per),
+                     "forwards_tokens_per_s": statistics.median(tokens / t["forwards"] for t in per),
+                     "speedup": speedup["median"], "speedup_iqr": speedup["iqr"],
+                     "speedup_range": speedup["range"],
+                     "ceiling": statistics.median(t["hf"] / t["forwards"] for t in per),
+                     "share_of_ceiling": share["median"], "share_of_ceiling_range": share["range"],
+                     "seconds": per})
     return rows
 
 
@@ -178,12 +197,14 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def run_long(hf, prompts_per_length):
-    """Per prompt length: each method once on a warm-up prompt, then on each prompt the four
-    back to back, timed, their outputs checked identical."""
+def run_long(hf, prompts_per_length, target_prompts):
+    """Per prompt length (``target_prompts`` prompts at TARGET_LEN, ``prompts_per_length`` at the
+    others): each method once on a warm-up prompt, then on each prompt the four back to back,
+    timed, their outputs checked identical."""
     rows, vocab = [], hf.config.vocab_size
     for length in tqdm(PROMPT_LENGTHS, desc="search, long prompts"):
-        warm_up, *prompts = prompt_set(vocab, length, prompts_per_length + 1, seed=length)
+        count = target_prompts if length == TARGET_LEN else prompts_per_length
+        warm_up, *prompts = prompt_set(vocab, length, count + 1, seed=length)
         for fn in decoders(hf, warm_up, LONG_BEAMS, LONG_NEW).values():
             fn()
         per_prompt = []
@@ -260,12 +281,12 @@ def plot(results):
     return fig
 
 
-def run(repeats: int = 9, prompts_per_length: int = 4) -> dict:
+def run(batches: int = 16, prompts_per_length: int = 4, target_prompts: int = 32) -> dict:
     transformers.logging.set_verbosity_error()
     models = {name: model(*shape[:3]) for name, shape in MODELS.items()}
-    rows = run_grid(models, repeats)
-    print_table(rows)
-    long = run_long(models[LONG_MODEL], prompts_per_length)
+    rows = run_grid(models, batches)
+    print_table([{k: v for k, v in r.items() if k != "seconds"} for r in rows])
+    long = run_long(models[LONG_MODEL], prompts_per_length, target_prompts)
     print_table([{"prompt_len": r["prompt_len"], **{m: r["speedup"][m] for m in METHODS[1:]},
                   "kv_share": r["kv_share"]} for r in long])
     head = head_product_ms(models)
@@ -274,10 +295,11 @@ def run(repeats: int = 9, prompts_per_length: int = 4) -> dict:
     print("resident memory rise while decoding, MiB, prompt", TARGET_LEN, json.dumps(rss))
     results = {"models": {name: dict(zip(("n_layer", "n_embd", "vocab_size", "vocab_major_head"),
                                          shape)) for name, shape in MODELS.items()},
-               "batch": 2, "new_tokens": 32, "repeats": repeats, "rows": rows,
+               "batch": 2, "new_tokens": 32, "batches": batches, "rows": rows,
                "long": long, "long_setting": {"model": LONG_MODEL, "num_beams": LONG_BEAMS,
                                               "new_tokens": LONG_NEW, "target_len": TARGET_LEN,
-                                              "prompts_per_length": prompts_per_length},
+                                              "prompts_per_length": prompts_per_length,
+                                              "target_prompts": target_prompts},
                "rss_rise_mib": rss, "head_product_ms": head}
     write_results("search", results, plot)
     return results

@@ -1,77 +1,63 @@
-"""Speculative decoding benchmark: wall-clock tokens/s of autoregressive vs speculative decoding
-on the workbench target (batch 1), with each drafter, greedy and at temperature 1, beside the
-theory (Leviathan et al. 2022: E[tokens/call] = (1 - a^(g+1)) / (1 - a), gain / (g c + 1)); and
-prompt lookup on a copy-heavy editing task (refimpl.editing) with the target and with the editor,
-the target fine-tuned for that task."""
+"""Speculative decoding benchmark, over sets of prompts: autoregressive vs speculative decoding of
+the workbench target (batch 1, one thread), with each drafter, greedy and at temperature 1, beside
+the theory (Leviathan et al. 2022: E[tokens/call] = (1 - a^(g+1)) / (1 - a), gain / (g c + 1));
+and prompt lookup on a copy-heavy editing task (refimpl.editing) with the target and with the
+editor, the target fine-tuned for that task.
+
+Every reported number is a median over HELD_OUT validation passages (with the interquartile range
+and the range), and the draft lengths are chosen on TUNING other passages: a gamma sweep of each
+draft model (greedy) and of prompt lookup on the copy task. Per prompt, the speed-up is the
+median over ``repeats`` adjacent pairs of one autoregressive and one speculative run, in
+alternating order. The JSON keeps every prompt's values.
+
+``LeanDecoder`` rows run every model call of both sides, the autoregressive baseline included,
+through ``refimpl.speculative.LeanDecoder`` (the same numbers without nn.Module dispatch).
+"""
+import statistics
+import time
+
 import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from refimpl.bench import interleaved_seconds, print_table, write_results
+from refimpl.bench import interleaved_seconds, passage_starts, print_table, summary, write_results
 from refimpl.data import CharTokenizer, splits
-from refimpl.editing import edit_example, sample_passage
+from refimpl.editing import correction_score, edit_example, sample_passage
 from refimpl.lm import load
-from refimpl.speculative import (AdaptiveGamma, DraftModel, NGramTable, PromptLookup, acceptance_rate,
-                                 autoregressive_generate, expected_speedup, expected_tokens_per_call,
-                                 speculative_generate)
+from refimpl.speculative import (AdaptiveGamma, DraftModel, LeanDecoder, NGramTable, PromptLookup,
+                                 acceptance_rate, autoregressive_generate, expected_speedup,
+                                 expected_tokens_per_call, speculative_generate)
 
-PROMPT_START = 5000  # a fixed validation passage
-# For the distilled draft (a = 0.90, c = 0.15-0.17 measured) the theory's best draft length is 7-8
-# (expected_speedup), and 8 was the fastest in this benchmark's own sweep.
-DISTILLED_GAMMA = 8
-# Prompt lookup with the editor on the copy task: drafts cost nothing, so longer ones pay while the
-# verify forward stays cheap; 12 was the fastest of 4, 8, 12, 16 and 24 in a trial run (this
-# benchmark's copy-task sweep measures them again).
-COPY_GAMMA = 12
-
-
-def plot(results):
-    """figures/bench_speculative.png from the results (also from the JSON): the speed-up of every
-    drafter on top; below, the greedy gamma sweep of each draft model against the theory."""
-    fig = plt.figure(figsize=(7, 8.4), layout="constrained")
-    upper, lower = fig.subfigures(2, 1, height_ratios=(1.2, 1))
-    top = upper.subplots()
-    left, right = lower.subplots(1, 2)
-    rows = results["rows"]
-    colors = {"greedy": "C0", "T=1": "C1"}
-    top.barh(range(len(rows)), [r["speedup"] for r in rows],
-             color=[colors.get(r["mode"], "C2") for r in rows])
-    top.set_yticks(range(len(rows)), [f"{r['drafter']} ({r['mode']})" for r in rows], fontsize=9)
-    top.invert_yaxis()
-    top.axvline(1, color="k", lw=0.8)
-    top.set_xlabel("speed-up over autoregressive decoding (wall clock)")
-    top.set_title("Every drafter on one prompt\n(blue: greedy, orange: T = 1, green: copy task)",
-                  fontsize=10)
-    c = {"draft model": results["c_draft"], "distilled draft model": results["c_distilled"]}
-    alpha = {"draft model": results["alpha_greedy"], "distilled draft model": results["alpha_greedy_distilled"]}
-    for name, color in zip(alpha, ("C0", "C3")):
-        part = [s for s in results["gamma_sweep"] if s["drafter"] == name]
-        gs = [s["gamma"] for s in part]
-        short = name.removesuffix(" model")
-        left.plot(gs, [s["tokens_per_call"] for s in part], "o-", color=color,
-                  label=f"{short}, a = {alpha[name]:.2f}")
-        left.plot(gs, [s["theory_tokens_per_call"] for s in part], "--", color=color)
-        right.plot(gs, [s["speedup"] for s in part], "o-", color=color,
-                   label=f"{short}, c = {c[name]:.2f}")
-        right.plot(gs, [s["theory_speedup"] for s in part], "--", color=color)
-    copy = results["copy_task_gamma_sweep"]
-    right.plot([s["gamma"] for s in copy], [s["speedup"] for s in copy], "^-", color="C2",
-               label="prompt lookup, editor")
-    right.axhline(2, color="k", lw=0.6)
-    left.set_title("tokens per target call", fontsize=10)
-    right.set_title("speed-up", fontsize=10)
-    for ax in (left, right):
-        ax.set_xlabel("gamma (draft tokens per round)")
-        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
-    lower.suptitle("Greedy gamma sweep; solid: measured, dashed: theory with the measured a, c",
-                   fontsize=10)
-    return fig
+HELD_OUT, TUNING = 32, 8  # validation passages: reported, and for choosing the draft lengths
+PROMPT_LEN, NEW_TOKENS = 32, 160
+GAMMAS = (2, 4, 6, 8, 10, 12)  # the draft models' sweep, on the tuning passages
+COPY_GAMMAS = (4, 8, 12, 16, 24)  # prompt lookup with the editor on the copy task, likewise
+COPY_LEN = 112  # characters of a copy-task passage
+EXAMPLE_START = 5000  # chapter 5's example passage (neither a tuning nor a held-out one)
+LEAN = "distilled draft model, LeanDecoder"
+MODELS = {"draft model": "draft", "distilled draft model": "draft_distilled",
+          LEAN: "draft_distilled"}  # drafter -> checkpoint, the ones the gamma sweep tunes
 
 
-def copy_task(tok, val_ids, length=112, num_typos=3, seed=0):
-    """The copy-heavy editing task (refimpl.editing): a held-out passage with a few misspelt words
-    and SEP, as (prompt ids [1, P], the correct answer as text)."""
-    passage = sample_passage(tok.decode(val_ids), length, start=PROMPT_START)
+def paired_speedup(ar, sp, repeats: int):
+    """Median over ``repeats`` adjacent pairs of t(ar) / t(sp), the order alternating; and the
+    two functions' last outputs."""
+    ratios, out = [], {}
+    for r in range(repeats):
+        seconds = {}
+        for name, fn in ((("ar", ar), ("sp", sp)) if r % 2 == 0 else (("sp", sp), ("ar", ar))):
+            start = time.perf_counter()
+            out[name] = fn()
+            seconds[name] = time.perf_counter() - start
+        ratios.append(seconds["ar"] / seconds["sp"])
+    return statistics.median(ratios), out["ar"], out["sp"]
+
+
+def copy_task(tok, val_ids, start: int = EXAMPLE_START, num_typos: int = 3, seed: int = 0,
+              length: int = COPY_LEN):
+    """The copy-heavy editing task (refimpl.editing): the held-out passage at ``start`` with
+    ``num_typos`` misspelt words and SEP, as (prompt ids [1, P], the correct answer as text)."""
+    passage = sample_passage(tok.decode(val_ids), length, start=start)
     prompt, answer = edit_example(passage, num_typos, torch.Generator().manual_seed(seed))
     return torch.tensor([tok.encode(prompt)]), answer
 
@@ -83,107 +69,237 @@ def measured_alpha(target, draft, seq, start, greedy, temperature=1.0):
     lp, lq = target(seq)[0, start - 1:-1], draft(seq)[0, start - 1:-1]
     if greedy:
         return float((lp.argmax(-1) == lq.argmax(-1)).double().mean())
-    return float(acceptance_rate(torch.softmax(lp / temperature, -1), torch.softmax(lq / temperature, -1)).mean())
+    return float(acceptance_rate(torch.softmax(lp / temperature, -1),
+                                 torch.softmax(lq / temperature, -1)).mean())
 
 
-def run(new_tokens: int = 160, repeats: int = 3, gammas=(1, 2, 3, 4, 6, 8)) -> dict:
+def run_prompt(target, make_drafter, prompt, gamma, greedy, repeats, seed, model=None):
+    """One prompt: the paired speed-up, the speculative run's statistics, whether its output equals
+    autoregressive decoding (greedy), and the draft model's a along that output."""
+    def ar():
+        return autoregressive_generate(target, prompt, max_new_tokens=NEW_TOKENS, greedy=greedy,
+                                       generator=torch.Generator().manual_seed(seed))
+
+    def sp():
+        return speculative_generate(target, make_drafter(), prompt, max_new_tokens=NEW_TOKENS,
+                                    gamma=gamma, greedy=greedy,
+                                    generator=torch.Generator().manual_seed(seed))
+    speedup, reference, (out, stats) = paired_speedup(ar, sp, repeats)
+    row = {"speedup": speedup, "tokens_per_call": stats.tokens_per_call,
+           "acceptance": stats.acceptance_rate}
+    if greedy:
+        row["same_output"] = bool(torch.equal(out, reference))
+    if model is not None:
+        row["alpha"] = measured_alpha(target, model, out, prompt.shape[1], greedy)
+        row["theory_tokens_per_call"] = expected_tokens_per_call(row["alpha"], gamma)
+    return row
+
+
+def aggregate(per_prompt: list[dict], **fields) -> dict:
+    """A row of the results: the medians of the per-prompt values, with the spread of the
+    speed-up, and the per-prompt values themselves."""
+    s = summary([p["speedup"] for p in per_prompt])
+    row = {**fields, "speedup": s["median"], "speedup_iqr": s["iqr"], "speedup_range": s["range"]}
+    for key in ("tokens_per_call", "acceptance", "alpha", "theory_tokens_per_call"):
+        if key in per_prompt[0]:
+            row[key] = statistics.median(p[key] for p in per_prompt)
+    if "same_output" in per_prompt[0]:
+        row["same_output"] = all(p["same_output"] for p in per_prompt)
+    else:
+        row["same_output"] = "n/a (sampled)"
+    return {**row, "per_prompt": per_prompt}
+
+
+def plot(results):
+    """figures/bench_speculative.png from the results (also from the JSON): every drafter's
+    per-prompt speed-ups on the held-out passages on top; below, the gamma sweep of each draft
+    model on the tuning passages against the theory."""
+    fig = plt.figure(figsize=(7, 9.4), layout="constrained")
+    upper, lower = fig.subfigures(2, 1, height_ratios=(1.45, 1))
+    top = upper.subplots()
+    left, right = lower.subplots(1, 2)
+    rows = results["rows"]
+    colors = {"greedy": "C0", "T=1": "C1"}
+    data = [[p["speedup"] for p in r["per_prompt"]] for r in rows]
+    box = top.boxplot(data, vert=False, widths=0.6, showfliers=False, patch_artist=True,
+                      medianprops={"color": "k"})
+    for patch, r in zip(box["boxes"], rows):
+        patch.set(facecolor=colors.get(r["mode"], "C2"), alpha=0.35)
+    for i, (values, r) in enumerate(zip(data, rows), start=1):
+        jitter = torch.linspace(-0.22, 0.22, len(values)).tolist()
+        top.plot(values, [i + j for j in jitter], ".", ms=3, color=colors.get(r["mode"], "C2"))
+    top.set_yticks(range(1, len(rows) + 1), [f"{r['drafter']} ({r['mode']})" for r in rows],
+                   fontsize=8)
+    top.invert_yaxis()
+    top.axvline(1, color="k", lw=0.8)
+    top.axvline(2, color="k", lw=0.6, ls=":")
+    top.set_xlabel("speed-up over autoregressive decoding, one dot per prompt")
+    top.set_title(f"Every drafter on {results['held_out']} held-out passages (box: quartiles)\n"
+                  "blue: greedy, orange: T = 1, green: copy task", fontsize=10)
+    c = results["c"]
+    for name, color in zip(MODELS, ("C0", "C3", "C4")):
+        part = [s for s in results["gamma_sweep"] if s["drafter"] == name]
+        gs = [s["gamma"] for s in part]
+        short = name.replace(" model", "").replace("distilled draft, ", "")
+        same = " (= distilled)" if name == LEAN else ""
+        left.plot(gs, [s["tokens_per_call"] for s in part], "o-", color=color,
+                  label=f"{short}{same}, a = {part[0]['alpha']:.2f}")
+        left.plot(gs, [s["theory_tokens_per_call"] for s in part], "--", color=color)
+        right.errorbar(gs, [s["speedup"] for s in part],
+                       yerr=[[s["speedup"] - s["speedup_iqr"][0] for s in part],
+                             [s["speedup_iqr"][1] - s["speedup"] for s in part]],
+                       fmt="o-", color=color, capsize=2, label=f"{short}, c = {c[name]:.2f}")
+        right.plot(gs, [s["theory_speedup"] for s in part], "--", color=color)
+    copy = results["copy_task_gamma_sweep"]
+    right.plot([s["gamma"] for s in copy], [s["speedup"] for s in copy], "^-", color="C2",
+               label="prompt lookup, editor")
+    right.axhline(2, color="k", lw=0.6)
+    left.set_title("tokens per target call", fontsize=10)
+    right.set_title("speed-up (bars: quartiles)", fontsize=10)
+    for ax in (left, right):
+        ax.set_xlabel("gamma (draft tokens per round)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    lower.suptitle(f"Gamma sweep, greedy, medians over {results['tuning']} tuning passages;\n"
+                   "solid: measured, dashed: theory with the measured a, c", fontsize=10)
+    return fig
+
+
+def cost_ratios(models, prompts):
+    """ms per generated token of each model's autoregressive decoding, the models interleaved,
+    median over ``prompts``; c = a draft's ms per token over the target's (both plain, or both
+    through LeanDecoder)."""
+    per = {name: [] for name in models}
+    for prompt in prompts:
+        fns = [lambda m=m: autoregressive_generate(m, prompt, max_new_tokens=NEW_TOKENS, greedy=True)
+               for m in models.values()]
+        for name, t in zip(models, interleaved_seconds(*fns, repeats=1)):
+            per[name].append(1e3 * t / NEW_TOKENS)
+    ms = {name: statistics.median(v) for name, v in per.items()}
+    c = {"draft model": ms["draft"] / ms["target"],
+         "distilled draft model": ms["draft_distilled"] / ms["target"],
+         LEAN: ms["draft_distilled, LeanDecoder"] / ms["target, LeanDecoder"]}
+    return ms, c
+
+
+def tune_gammas(target, lean_target, models, prompts, c, repeats):
+    """The greedy gamma sweep of each draft model on the tuning prompts; returns the sweep and each
+    drafter's gamma with the best median speed-up."""
+    sweep = []
+    for name, g in tqdm([(n, g) for n in MODELS for g in GAMMAS], desc="gamma sweep (tuning)"):
+        model = models[MODELS[name]]
+        tgt, drafter = (lean_target, LeanDecoder(model)) if name == LEAN else (target, model)
+        per = [run_prompt(tgt, lambda: DraftModel(drafter), p, g, True, repeats, 0, model)
+               for p in prompts]
+        row = aggregate(per, drafter=name, gamma=g)
+        row["theory_speedup"] = expected_speedup(row["alpha"], g, c[name])
+        sweep.append(row)
+    best = {name: max((s for s in sweep if s["drafter"] == name), key=lambda s: s["speedup"])["gamma"]
+            for name in MODELS}
+    return sweep, best
+
+
+def copy_passages(tok, val_ids, starts, seed0):
+    """Copy-task examples at ``starts``, seeds from ``seed0``, one to four typos in turn."""
+    return [copy_task(tok, val_ids, s, 1 + i % 4, seed0 + i) for i, s in enumerate(starts)]
+
+
+def run_copy_task(tok, name, model, passages, gamma, repeats):
+    """Prompt lookup with ``model`` on the copy-task passages: the row of its speed-ups, and how
+    well its greedy answers correct the typos (refimpl.editing.correction_score, summed)."""
+    per = []
+    for ids, answer in passages:
+        def sp(ids=ids, n=len(answer)):
+            return speculative_generate(model, PromptLookup(max_ngram=8), ids, max_new_tokens=n,
+                                        gamma=gamma, greedy=True)
+
+        def ar(ids=ids, n=len(answer)):
+            return autoregressive_generate(model, ids, max_new_tokens=n, greedy=True)
+        speedup, reference, (out, stats) = paired_speedup(ar, sp, repeats)
+        written = tok.decode(out[0, ids.shape[1]:])
+        per.append({"speedup": speedup, "tokens_per_call": stats.tokens_per_call,
+                    "acceptance": stats.acceptance_rate, "same_output": bool(torch.equal(out, reference)),
+                    "answer_correct": written == answer,
+                    **correction_score(tok.decode(ids[0])[:-1], written, answer)})
+    row = aggregate(per, drafter=f"prompt lookup, {name}", mode="greedy, copy task", gamma=gamma)
+    for key in ("typos", "fixed", "distance_input", "distance_answer", "answer_correct"):
+        row[key] = sum(p[key] for p in per)
+    return row
+
+
+def run(repeats: int = 2, held_out: int = HELD_OUT, tuning: int = TUNING) -> dict:
     tok = CharTokenizer.from_corpus()
     train_ids, val_ids = splits(tok)
-    target, draft, distilled, editor = (load(name) for name in ("target", "draft", "draft_distilled", "editor"))
-    prompt = val_ids[PROMPT_START:PROMPT_START + 32][None]
+    names = ("target", "draft", "draft_distilled", "editor")
+    models = dict(zip(names, (load(n) for n in names)))
+    target, lean_target = models["target"], LeanDecoder(models["target"])
+    window = PROMPT_LEN + NEW_TOKENS
+    held_starts = passage_starts(len(val_ids), held_out, 0.25, window)
+    tune_starts = passage_starts(len(val_ids), tuning, 0.5, window)
+    prompts = [val_ids[s:s + PROMPT_LEN][None] for s in held_starts]
+    tune_prompts = [val_ids[s:s + PROMPT_LEN][None] for s in tune_starts]
+    results = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_LEN, "repeats": repeats,
+               "held_out": held_out, "tuning": tuning, "held_out_starts": held_starts,
+               "tuning_starts": tune_starts}
+
+    ms, c = cost_ratios({"target": target, "draft": models["draft"],
+                         "draft_distilled": models["draft_distilled"], "target, LeanDecoder": lean_target,
+                         "draft_distilled, LeanDecoder": LeanDecoder(models["draft_distilled"])},
+                        tune_prompts)
+    results.update(ms_per_token=ms, c=c, c_draft=c["draft model"],
+                   c_distilled=c["distilled draft model"])
+    sweep, best = tune_gammas(target, lean_target, models, tune_prompts, c, repeats=1)
+    results.update(gamma_sweep=sweep, tuned_gamma=best)
+
     table = NGramTable.from_tokens(train_ids, tok.vocab_size, order=4)
-    models = {"draft model": draft, "distilled draft model": distilled}  # drafter name -> model
-    gammas_of = {"distilled draft model": DISTILLED_GAMMA, "draft model, adaptive gamma": 8}  # else 4
-    drafters = {"draft model": lambda: DraftModel(draft),
-                "distilled draft model": lambda: DraftModel(distilled),
-                "draft model, BiLD fallback 0.5": lambda: DraftModel(draft, stop_below=0.5),
-                "draft model, adaptive gamma": lambda: AdaptiveGamma(DraftModel(draft), start=4, max_gamma=8),
-                "n-gram table (order 4)": lambda: table,
-                "prompt lookup": lambda: PromptLookup(max_ngram=8)}
-
-    def paired(baseline, fn):
-        return interleaved_seconds(baseline, fn, repeats=repeats)
-
-    # the cost ratio c: one draft call vs one target call, per generated token, batch 1
-    results, c = {"new_tokens": new_tokens, "prompt_tokens": prompt.shape[1], "repeats": repeats}, {}
-    for name, m in models.items():
-        t_target, t_draft = paired(
-            lambda: autoregressive_generate(target, prompt, max_new_tokens=new_tokens, greedy=True),
-            lambda: autoregressive_generate(m, prompt, max_new_tokens=new_tokens, greedy=True))
-        c[name] = t_draft / t_target
-        key = "draft" if name == "draft model" else "distilled"
-        results.update({"ms_per_token_target": 1e3 * t_target / new_tokens,
-                        f"ms_per_token_{key}": 1e3 * t_draft / new_tokens, f"c_{key}": c[name]})
+    draft, distilled = models["draft"], models["draft_distilled"]
+    lean_draft = LeanDecoder(distilled)
+    # drafter -> (target, a fresh drafter, gamma, the draft model whose a is measured)
+    drafters = {
+        "draft model": (target, lambda: DraftModel(draft), best["draft model"], draft),
+        "distilled draft model": (target, lambda: DraftModel(distilled),
+                                  best["distilled draft model"], distilled),
+        LEAN: (lean_target, lambda: DraftModel(lean_draft), best[LEAN], distilled),
+        "draft model, BiLD fallback 0.5": (target, lambda: DraftModel(draft, stop_below=0.5), 4, None),
+        "draft model, adaptive gamma": (target, lambda: AdaptiveGamma(DraftModel(draft), start=4,
+                                                                      max_gamma=8), 8, None),
+        "n-gram table (order 4)": (target, lambda: table, 4, None),
+        "prompt lookup": (target, lambda: PromptLookup(max_ngram=8), 4, None)}
     rows = []
     cases = [(name, mode) for mode in ("greedy", "T=1") for name in drafters]
-    for name, mode in tqdm(cases, desc="drafters"):
-        greedy = mode == "greedy"
-        seed = 1234
-        ar = lambda: autoregressive_generate(target, prompt, max_new_tokens=new_tokens, greedy=greedy,  # noqa: E731
-                                             generator=torch.Generator().manual_seed(seed))
-        sp = lambda: speculative_generate(target, drafters[name](), prompt, max_new_tokens=new_tokens,  # noqa: E731
-                                          gamma=gammas_of.get(name, 4), greedy=greedy,
-                                          generator=torch.Generator().manual_seed(seed))
-        t_ar, t_sp = paired(ar, sp)
-        out, stats = sp()
-        row = {"drafter": name, "mode": mode, "gamma": gammas_of.get(name, 4), "tok_per_s_ar": new_tokens / t_ar,
-               "tok_per_s_spec": new_tokens / t_sp, "speedup": t_ar / t_sp,
-               "acceptance": stats.acceptance_rate, "tokens_per_call": stats.tokens_per_call,
-               "same_output": bool(torch.equal(out, ar())) if greedy else "n/a (sampled)"}
-        if name in models:
-            a, g = measured_alpha(target, models[name], out, prompt.shape[1], greedy), row["gamma"]
-            row.update(alpha=a, theory_tokens_per_call=expected_tokens_per_call(a, g),
-                       theory_speedup=expected_speedup(a, g, c[name]))
+    for name, mode in tqdm(cases, desc=f"drafters x {held_out} held-out prompts"):
+        tgt, make, gamma, model = drafters[name]
+        per = [dict(start=s, **run_prompt(tgt, make, p, gamma, mode == "greedy", repeats, 1234 + i,
+                                          model))
+               for i, (s, p) in enumerate(zip(held_starts, prompts))]
+        row = aggregate(per, drafter=name, mode=mode, gamma=gamma)
+        if model is not None:
+            row["theory_speedup"] = expected_speedup(row["alpha"], gamma, c[name])
         rows.append(row)
+    greedy = {r["drafter"]: r for r in rows if r["mode"] == "greedy"}
+    results.update(alpha_greedy=greedy["draft model"]["alpha"],
+                   alpha_greedy_distilled=greedy["distilled draft model"]["alpha"])
 
-    # the copy-heavy editing task: prompt lookup vs autoregressive, greedy, on the target and on
-    # the editor (the target fine-tuned for the task)
-    copy_prompt, answer = copy_task(tok, val_ids)
-    n_copy = len(answer)
-    for model_name in ("target", "editor"):
-        model = editor if model_name == "editor" else target
-        sp = lambda: speculative_generate(model, PromptLookup(max_ngram=8), copy_prompt,  # noqa: E731
-                                          max_new_tokens=n_copy, gamma=COPY_GAMMA, greedy=True)
-        ar = lambda: autoregressive_generate(model, copy_prompt, max_new_tokens=n_copy, greedy=True)  # noqa: E731
-        t_ar, t_sp = paired(ar, sp)
-        out, stats = sp()
-        text = tok.decode(out[0, copy_prompt.shape[1]:])
-        rows.append({"drafter": f"prompt lookup, {model_name}", "mode": "greedy, copy task", "gamma": COPY_GAMMA,
-                     "tok_per_s_ar": n_copy / t_ar, "tok_per_s_spec": n_copy / t_sp, "speedup": t_ar / t_sp,
-                     "acceptance": stats.acceptance_rate, "tokens_per_call": stats.tokens_per_call,
-                     "same_output": bool(torch.equal(out, ar())), "answer_correct": text == answer})
-        results[f"copy_task_output_{model_name}"] = text
-    results.update(copy_task_prompt=tok.decode(copy_prompt[0]), copy_task_answer=answer)
+    # the copy-heavy editing task: prompt lookup vs autoregressive decoding, greedy, with the
+    # target and with the editor; the draft length chosen with the editor on tuning passages
+    copy_starts = passage_starts(len(val_ids), held_out, 0.25, COPY_LEN)
+    copy_tune = copy_passages(tok, val_ids, passage_starts(len(val_ids), tuning, 0.5, COPY_LEN),
+                              1000)
     copy_sweep = []
-    for g in tqdm((4, 8, 12, 16, 24), desc="copy-task gamma sweep"):
-        sp = lambda: speculative_generate(editor, PromptLookup(max_ngram=8), copy_prompt,  # noqa: E731
-                                          max_new_tokens=n_copy, gamma=g, greedy=True)
-        t_ar, t_sp = paired(lambda: autoregressive_generate(editor, copy_prompt, max_new_tokens=n_copy,
-                                                            greedy=True), sp)
-        copy_sweep.append({"drafter": "prompt lookup, editor", "gamma": g, "speedup": t_ar / t_sp,
-                           "tokens_per_call": sp()[1].tokens_per_call})
+    for g in tqdm(COPY_GAMMAS, desc="copy-task gamma sweep (tuning)"):
+        r = run_copy_task(tok, "editor", models["editor"], copy_tune, g, 1)
+        copy_sweep.append({k: r[k] for k in ("drafter", "gamma", "speedup", "speedup_iqr",
+                                             "tokens_per_call")})
+    copy_gamma = max(copy_sweep, key=lambda s: s["speedup"])["gamma"]
+    copy_held = copy_passages(tok, val_ids, copy_starts, 0)
+    rows += [run_copy_task(tok, name, models[name], copy_held, copy_gamma, repeats)
+             for name in tqdm(("target", "editor"), desc="copy task")]
+    results.update(rows=rows, copy_task_gamma_sweep=copy_sweep, copy_gamma=copy_gamma,
+                   copy_starts=copy_starts)
+    print_table([{k: v for k, v in s.items() if k != "per_prompt"} for s in sweep])
     print_table(copy_sweep)
-    print_table([{k: v for k, v in r.items() if not k.startswith("theory") and k != "alpha"} for r in rows])
-
-    # gamma sweep, greedy, each draft model: measured vs theory
-    alpha = {name: next(r["alpha"] for r in rows if r["drafter"] == name and r["mode"] == "greedy")
-             for name in models}
-    sweep = []
-    for name, g in tqdm([(name, g) for name in models for g in gammas], desc="gamma sweep"):
-        sp = lambda: speculative_generate(target, DraftModel(models[name]), prompt,  # noqa: E731
-                                          max_new_tokens=new_tokens, gamma=g, greedy=True)
-        t_ar, t_sp = paired(lambda: autoregressive_generate(target, prompt, max_new_tokens=new_tokens,
-                                                            greedy=True), sp)
-        _, stats = sp()
-        sweep.append({"drafter": name, "gamma": g, "speedup": t_ar / t_sp, "tokens_per_call": stats.tokens_per_call,
-                      "theory_tokens_per_call": expected_tokens_per_call(alpha[name], g),
-                      "theory_speedup": expected_speedup(alpha[name], g, c[name])})
-    print_table(sweep)
-    results.update(rows=rows, gamma_sweep=sweep, alpha_greedy=alpha["draft model"],
-                   alpha_greedy_distilled=alpha["distilled draft model"])
-    for name in models:
-        print(f"{name}: c = {c[name]:.3f}, greedy alpha = {alpha[name]:.3f}")
-
-    results.update(copy_task_gamma_sweep=copy_sweep)
+    print_table([{k: (f"{v[0]:.2f}-{v[1]:.2f}" if k.endswith(("_iqr", "_range")) else v)
+                  for k, v in r.items() if k in ("drafter", "mode", "gamma", "speedup", "speedup_iqr",
+                                                 "speedup_range", "tokens_per_call", "same_output")}
+                 for r in rows])
     write_results("speculative", results, plot)
     return results
