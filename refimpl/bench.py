@@ -67,6 +67,17 @@ def summary(values) -> dict:
     return {"median": statistics.median(values), "iqr": [q1, q3], "range": [min(values), max(values)]}
 
 
+def box_and_dots(ax, data, colors, width, jitter, vertical=True):
+    """Per-prompt values drawn as boxes of their quartiles (no fliers) and one dot per prompt,
+    spread ``jitter`` either side of the box's centre; ``colors`` one per box."""
+    box = ax.boxplot(data, vert=vertical, widths=width, showfliers=False, patch_artist=True,
+                     medianprops={"color": "k"})
+    for i, (patch, values, color) in enumerate(zip(box["boxes"], data, colors), start=1):
+        patch.set(facecolor=color, alpha=0.35)
+        offsets = [i + j for j in torch.linspace(-jitter, jitter, len(values)).tolist()]
+        ax.plot(*((offsets, values) if vertical else (values, offsets)), ".", ms=3, color=color)
+
+
 def environment() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "processor": platform.processor() or "unknown",

@@ -105,9 +105,10 @@ def hf_cache_bytes(hf, prompts, num_beams, new_tokens) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers)
 
 
-def prompt_set(vocab, length, count, seed=0):
+def prompt_set(vocab, length, count, seed=0, rows=1):
+    """``count`` batches of ``rows`` random prompts of ``length`` tokens."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab - 1, (1, length), generator=g) for _ in range(count)]
+    return [torch.randint(0, vocab - 1, (rows, length), generator=g) for _ in range(count)]
 
 
 def rss_rise_mib(method: str, prompt_len: int = TARGET_LEN) -> float:
@@ -151,12 +152,6 @@ def head_product_ms(models, rows=(1, 2, 4, 8, 16, 32), repeats=9) -> list[dict]:
     return out
 
 
-def prompt_batches(vocab, length, batches, seed=0):
-    """``batches`` batches of 2 random prompts of ``length`` tokens (the short grid's prompt set)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab - 1, (2, length), generator=g) for _ in range(batches)]
-
-
 def run_grid(models, batches):
     """Per short setting, ``batches`` batches of 2 prompts: per batch the outputs checked identical,
     then HF, ours and our forward passes alone back to back (a warm-up round on the first); the
@@ -166,7 +161,7 @@ def run_grid(models, batches):
         hf = models[name]
         ours = HFCausalLM(hf, vocab_major_head=MODELS[name][3])
         per = []
-        for i, prompts in enumerate(prompt_batches(hf.config.vocab_size, prompt_len, batches)):
+        for i, prompts in enumerate(prompt_set(hf.config.vocab_size, prompt_len, batches, rows=2)):
             run = decoders(hf, prompts, B, 32, G, dp, vocab_major=MODELS[name][3])
             fns = {"hf": run["hf"], "ours": run["shared + vocab-major head"],
                    "forwards": lambda prompts=prompts: forwards(ours, prompts, B, 32)}

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from refimpl.bench import interleaved_seconds, passage_starts, print_table, summary, write_results
+from refimpl.bench import (box_and_dots, interleaved_seconds, passage_starts, print_table, summary,
+                           write_results)
 from refimpl.data import CharTokenizer, splits
 from refimpl.editing import correction_score, edit_example, sample_passage
 from refimpl.lm import load
@@ -120,14 +121,9 @@ def plot(results):
     left, right = lower.subplots(1, 2)
     rows = results["rows"]
     colors = {"greedy": "C0", "T=1": "C1"}
-    data = [[p["speedup"] for p in r["per_prompt"]] for r in rows]
-    box = top.boxplot(data, vert=False, widths=0.6, showfliers=False, patch_artist=True,
-                      medianprops={"color": "k"})
-    for patch, r in zip(box["boxes"], rows):
-        patch.set(facecolor=colors.get(r["mode"], "C2"), alpha=0.35)
-    for i, (values, r) in enumerate(zip(data, rows), start=1):
-        jitter = torch.linspace(-0.22, 0.22, len(values)).tolist()
-        top.plot(values, [i + j for j in jitter], ".", ms=3, color=colors.get(r["mode"], "C2"))
+    box_and_dots(top, [[p["speedup"] for p in r["per_prompt"]] for r in rows],
+                 [colors.get(r["mode"], "C2") for r in rows], width=0.6, jitter=0.22,
+                 vertical=False)
     top.set_yticks(range(1, len(rows) + 1), [f"{r['drafter']} ({r['mode']})" for r in rows],
                    fontsize=8)
     top.invert_yaxis()

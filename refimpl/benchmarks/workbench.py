@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from refimpl.bench import median_seconds, passage_starts, print_table, summary, write_results
+from refimpl.bench import box_and_dots, median_seconds, passage_starts, print_table, summary, write_results
 from refimpl.data import CharTokenizer, splits
 from refimpl.lm import generate, load
 
@@ -34,7 +34,7 @@ def run(prompt_len: int = 16, new_tokens: int = 128, repeats: int = 1, prompts: 
         for name, use_cache in configs:
             per[name, use_cache].append(
                 seconds_per_generation(models[name], prompt, new_tokens, use_cache, repeats,
-                                       warmup=0 if s != starts[0] else 1))
+                                       warmup=int(s == starts[0])))
     rows = []
     for (name, use_cache), seconds in per.items():
         tps = [new_tokens / t for t in seconds]
@@ -64,14 +64,8 @@ def plot(results):
     configuration, one dot per prompt, boxes the quartiles."""
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    data = [r["per_prompt_tokens_per_s"] for r in rows]
-    box = ax.boxplot(data, widths=0.5, showfliers=False, patch_artist=True,
-                     medianprops={"color": "k"})
-    for i, (patch, values) in enumerate(zip(box["boxes"], data), start=1):
-        color = "C0" if rows[i - 1]["kv_cache"] else "C1"
-        patch.set(facecolor=color, alpha=0.35)
-        jitter = torch.linspace(-0.15, 0.15, len(values)).tolist()
-        ax.plot([i + j for j in jitter], values, ".", ms=3, color=color)
+    box_and_dots(ax, [r["per_prompt_tokens_per_s"] for r in rows],
+                 ["C0" if r["kv_cache"] else "C1" for r in rows], width=0.5, jitter=0.15)
     ax.set_xticks(range(1, len(rows) + 1),
                   [f"{r['model']}\n{'KV cache' if r['kv_cache'] else 'no cache'}" for r in rows])
     ax.set_yscale("log")
