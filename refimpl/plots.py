@@ -206,6 +206,42 @@ def pointer_predictions_figure(tsp, hull, path):
     return fig
 
 
+def pointer_rl_curves_figure(curves, path):
+    """Validation gap against training time: ``curves`` = [(label, history, key)], each entry of
+    a record's history holding 'seconds' and the gap under ``key``; both axes logarithmic."""
+    fig, ax = plt.subplots(figsize=(7.0, 3.4))
+    for label, history, key in curves:
+        ax.plot([e["seconds"] / 60 for e in history], [100 * e[key] for e in history],
+                marker=".", ms=4, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training time, minutes on one CPU thread")
+    ax.set_ylabel("validation gap, % (greedy)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("supervised Ptr-Nets and label-free attention models", fontsize=10)
+    _save(fig, path, close=False)
+    return fig
+
+
+def pointer_rl_tours_figure(panels, path):
+    """``panels`` = [(points, reference tour, model tour, title)]: the model's tour (thin line)
+    over the reference's (thick grey), one panel each."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.0, 2.2))
+    for ax, (p, exact, pred, title) in zip(axes, panels):
+        pointer_tour(ax, p, exact, color="0.75", lw=5)
+        pointer_tour(ax, p, pred, color="C3", lw=1.3)
+        ax.scatter(p[:, 0], p[:, 1], c="k", s=6, zorder=3)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+    fig.suptitle("fresh instances: the attention model's tour (thin) over the reference (grey)",
+                 fontsize=9)
+    _save(fig, path, close=False)
+    return fig
+
+
 def pointer_attention_figure(points, path_taken, probs, path):
     """Left: the pointer distribution probs [steps, n] (red boxes: chosen); right: the tour."""
     n = probs.shape[1]
