@@ -7,12 +7,11 @@ import sys
 from dataclasses import asdict
 
 import torch
-from tqdm.auto import tqdm
 
 from refimpl.pointer.attention import SYMMETRIES
 from refimpl.pointer.data import VALIDATION_SEED, tsp_instances
 from refimpl.pointer.checkpoints import ASSETS, load, save
-from refimpl.pointer.held_karp import MAX_HELD_KARP_N, held_karp
+from refimpl.pointer.held_karp import MAX_HELD_KARP_N, held_karp_lengths
 from refimpl.pointer.lkh import lkh_lengths
 from refimpl.pointer.metrics import evaluate
 from refimpl.pointer.reinforce import RLConfig, train_rl
@@ -85,8 +84,7 @@ def reference_lengths(points: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Optimal lengths by Held-Karp up to n = 20 (about 3 s an instance there), else LKH's."""
     n = points.shape[1]
     if n <= 20:
-        return torch.cat([held_karp(p[None], max_n=n)[0] for p in
-                          tqdm(points, desc=f"Held-Karp n={n}")]), "held_karp"
+        return held_karp_lengths(points), "held_karp"
     return lkh_lengths(points), "lkh"
 
 

@@ -5,13 +5,12 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from refimpl.lm import check_int
 from refimpl.pointer.data import TEST_SEED, make_batch, tsp_instances
 from refimpl.pointer.decoding import solve
 from refimpl.pointer.geometry import canonical_tour, is_simple_polygon, polygon_area, tour_length
-from refimpl.pointer.held_karp import MAX_HELD_KARP_N, held_karp
+from refimpl.pointer.held_karp import MAX_HELD_KARP_N, held_karp, held_karp_lengths
 from refimpl.pointer.attention import AttentionModel
 from refimpl.pointer.network import PointerNet
 
@@ -37,9 +36,8 @@ def evaluate(task: str, model: PointerNet | AttentionModel, n: int, num_instance
         targets = None
         if optimal is None and n <= MAX_HELD_KARP_N:
             optimal, targets = held_karp(x)
-        elif optimal is None:  # one instance at a time: the table is 2^(n-1) (n-1) per instance
-            optimal = torch.cat([held_karp(p[None], max_n=n)[0] for p in
-                                 tqdm(x, desc=f"Held-Karp n={n}", leave=False)])
+        elif optimal is None:
+            optimal = held_karp_lengths(x)
     else:
         x, targets = make_batch(task, n, num_instances, g, **data)
     preds = solve(model, x, beam_size, starts, symmetries)
