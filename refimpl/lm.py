@@ -422,13 +422,17 @@ def save(model: TinyGPT, path: Path, base: str | None = None, **record) -> None:
     if base is not None:
         base_state = load(base).state_dict()
         state = {k: v for k, v in state.items() if not torch.equal(v, base_state[k])}
-    torch.save({"config": asdict(model.config), "state_dict": state, "base": base}, path)
-    info = {"config": asdict(model.config), "parameters": model.num_parameters(), **record}
+    arch = getattr(model, "arch", "gpt")  # "lstm": refimpl.recurrent.LSTMDraft
+    torch.save({"config": asdict(model.config), "state_dict": state, "base": base, "arch": arch},
+               path)
+    info = {"config": asdict(model.config), "arch": arch, "parameters": model.num_parameters(),
+            **record}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def load(name: str, attn_backend: str = "sdpa") -> TinyGPT:
-    """Load a committed checkpoint by name ("target", "draft") or by path."""
+    """Load a committed checkpoint by name ("target", "draft") or by path (a ``draft_lstm``-like
+    checkpoint loads as ``refimpl.recurrent.LSTMDraft``)."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str (a checkpoint name or a path ending in .pt), got "
                         f"{type(name).__name__}")
@@ -436,7 +440,11 @@ def load(name: str, attn_backend: str = "sdpa") -> TinyGPT:
     if not path.exists():
         raise ValueError(f"no checkpoint {name!r}; known: {known_checkpoints()}")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    model = TinyGPT(GPTConfig(**blob["config"]), attn_backend=attn_backend)
+    if blob.get("arch") == "lstm":
+        from refimpl.recurrent import LSTMConfig, LSTMDraft  # it imports this module
+        model = LSTMDraft(LSTMConfig(**blob["config"]))
+    else:
+        model = TinyGPT(GPTConfig(**blob["config"]), attn_backend=attn_backend)
     state = blob["state_dict"]
     if blob.get("base") is not None:
         state = {**load(blob["base"]).state_dict(), **state}

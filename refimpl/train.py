@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from refimpl.data import CharTokenizer, get_batch, splits
 from refimpl.editing import edit_batch, edit_loss
 from refimpl.lm import CHECKPOINTS, GPTConfig, TinyGPT, check_int, check_real, generate, load, save
+from refimpl.recurrent import LSTMConfig, LSTMDraft
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Preset:
     init: str | None = None  # start from this checkpoint's weights (fine-tuning)
     task: str = "lm"  # "lm": next character of the corpus; "edit": refimpl.editing's answers
     train_only: str | None = None  # with init: train only parameters whose name contains this
+    arch: str = "gpt"  # "gpt": lm.TinyGPT; "lstm": recurrent.LSTMDraft (n_head unused)
 
 
 PRESETS = {
@@ -61,6 +63,9 @@ PRESETS = {
     # 2022), so the checkpoint stores 6 MB on top of the target's.
     "editor": Preset(n_layer=6, n_head=8, n_embd=256, batch_size=16, steps=2000, lr=1e-3, warmup=50,
                      init="target", task="edit", train_only=".attn."),
+    # The same distillation into an LSTM, which drafts at a dozen operations per token (chapter 5).
+    "draft_lstm": Preset(n_layer=1, n_head=1, n_embd=256, batch_size=16, steps=6000, lr=3e-3,
+                         teacher="target", teacher_samples=1024, arch="lstm"),
     "smoke": Preset(n_layer=1, n_head=2, n_embd=32, block_size=64, batch_size=8, steps=30),
 }
 
@@ -76,6 +81,10 @@ def check_preset(p: Preset) -> None:
     check_int("teacher_samples", p.teacher_samples, 0)
     if p.task not in ("lm", "edit"):
         raise ValueError(f"task must be 'lm' or 'edit', got {p.task!r}")
+    if p.arch not in ("gpt", "lstm"):
+        raise ValueError(f"arch must be 'gpt' or 'lstm', got {p.arch!r}")
+    if p.arch == "lstm" and (p.init or p.dropout):
+        raise ValueError("arch 'lstm' trains from scratch without dropout (no init, dropout 0)")
     if p.train_only and not p.init:
         raise ValueError("train_only needs init: the other parameters would stay random")
 
@@ -150,8 +159,10 @@ def teacher_text(teacher: TinyGPT, ids: torch.Tensor, num: int, block_size: int,
 
 
 def build_model(preset: Preset, vocab_size: int) -> TinyGPT:
-    """A fresh TinyGPT of the preset's size (from the global seed), or a copy of
+    """A fresh TinyGPT (or LSTMDraft) of the preset's size (from the global seed), or a copy of
     ``preset.init``; with ``train_only``, every other parameter is frozen."""
+    if preset.arch == "lstm":
+        return LSTMDraft(LSTMConfig(vocab_size, preset.block_size, preset.n_layer, preset.n_embd))
     config = GPTConfig(vocab_size=vocab_size, block_size=preset.block_size,
                        n_layer=preset.n_layer, n_head=preset.n_head,
                        n_embd=preset.n_embd, dropout=preset.dropout)

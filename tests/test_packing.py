@@ -302,7 +302,7 @@ def test_benchmark_paths_agree_and_lengths_stay_in_range():
 
     from refimpl.benchmarks.packing import (PREFILLS, memory_batch, padded_prefill, paired_seconds, peak_bytes,
                                             per_sequence_prefill, prepacked_prefill, sample_lengths,
-                                            time_batch)
+                                            setting_row, draw_batches, time_batch)
     model = build("tiny")
     prompts = random_prompts(LENGTHS, seed=8)
     want = alone(model, prompts)
@@ -315,8 +315,16 @@ def test_benchmark_paths_agree_and_lengths_stay_in_range():
     assert row["padded_MB"] > 0 and row["prepacked_mem_saving"] > 0
     assert set(PREFILLS) == {"padded", "prepacked", "padding-free", "per-sequence"}
     assert row["padding-free_eff"] == 1 and row["padded_eff"] == sum(LENGTHS) / (len(LENGTHS) * max(LENGTHS))
-    lo, hi = row["padding-free_vs_prepacked_range"]
-    assert lo <= row["padding-free_vs_prepacked"] <= hi
+    other = memory_batch(model, prompts[:3], time_batch(model, prompts[:3], 1))
+    setting = setting_row("uniform", len(prompts), [row, other, row])
+    assert setting["batches"] == 3 and setting["per_batch"] == [row, other, row]
+    assert setting["padded_ms"] == row["padded_ms"]  # the median of three, two of them equal
+    for key in ("prepacked_speedup", "prepacked_mem_saving", "padding-free_vs_prepacked"):
+        lo, hi = setting[f"{key}_range"]
+        assert lo == min(row[key], other[key]) and hi == max(row[key], other[key])
+        assert lo <= setting[f"{key}_iqr"][0] <= setting[key] <= setting[f"{key}_iqr"][1] <= hi
+    drawn = draw_batches("lognormal", 5, 4, random.Random(1), torch.arange(1000), "", BLOCK)
+    assert [len(b) for b in drawn] == [5] * 4 and all(1 <= len(p) <= BLOCK for b in drawn for p in b)
     corpus = "ab\n\nabcdef\n" + "x" * 300 + "\n"
     for dist in ("uniform", "lognormal", "corpus"):
         lengths = sample_lengths(dist, 200, BLOCK, random.Random(0), corpus)

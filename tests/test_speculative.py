@@ -14,6 +14,7 @@ import torch
 
 from refimpl.hf import HFCausalLM
 from refimpl.lm import GPTConfig, KVCache, TinyGPT
+from refimpl.recurrent import LSTMConfig, LSTMDraft
 from refimpl.speculative import (AdaptiveGamma, DraftModel, LeanDecoder, NGramTable, PromptLookup, SpecStats,
                                  acceptance_rate, autoregressive_generate, batch_inputs, expected_speedup,
                                  expected_tokens_per_call, greedy_accept, lookup_continuation, realign,
@@ -218,9 +219,14 @@ def test_chi_square_continuations_follow_the_target(small_pair, name, length, ga
     assert 0 < stats.acceptance_rate < 1  # both branches (accept, reject) were exercised
 
 
-def test_chi_square_batch_one_path(small_pair):
-    """The batch-1 path (plain crop, no realignment), 1000 independent runs."""
+@pytest.mark.parametrize("drafter", ["transformer", "lstm"])
+def test_chi_square_batch_one_path(small_pair, drafter):
+    """The batch-1 path (plain crop, no realignment), 1000 independent runs; also with the
+    recurrent draft (refimpl.recurrent), whose state cache rolls back by crop."""
     target, draft = small_pair
+    if drafter == "lstm":
+        torch.manual_seed(12)
+        draft = LSTMDraft(LSTMConfig(V_SMALL, 64, 1, 16)).double().eval()
     g = gen(3)
     prompt = torch.tensor([PROMPT])
     outs = torch.cat([speculative_generate(target, draft, prompt, max_new_tokens=2, gamma=2, generator=g)[0]

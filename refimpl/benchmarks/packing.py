@@ -4,7 +4,10 @@ For the Prepacking paper's claim (Zhao et al. 2024): its repository reports
 5.2x faster prefill and 7.6x less peak GPU memory than padding for a 1.3B
 model on MMLU prompts at batch 64 on an A6000. Here: the workbench target on
 CPU, prompts cut from the corpus with lengths drawn from three distributions.
-Peak memory is the process's resident-set high-water mark during the call
+Each setting (distribution, batch size) is measured on ``BATCHES`` batches drawn
+independently; a row reports the median over its batches with the quartiles and
+the range of the gains, and keeps every batch's numbers. Peak memory is the
+process's resident-set high-water mark during the call
 (``/proc/self/clear_refs`` resets it; glibc is told to return big buffers).
 """
 import ctypes
@@ -17,11 +20,12 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from refimpl.bench import paired_seconds, print_table, write_results
+from refimpl.bench import box_and_dots, paired_seconds, print_table, summary, write_results
 from refimpl.data import CharTokenizer, load_corpus
 from refimpl.lm import load
 from refimpl.packing import pack_prompts, padding_free_prefill
 
+BATCHES = 10  # batches drawn per setting: 160 prompts at batch 16, 640 at batch 64
 PREPACKING_REPO = {"speedup": 5.2, "memory_saving": 7.6, "gpu": "A6000", "model": "1.3B",
                    "dataset": "MMLU", "batch_size": 64}
 # "per-sequence" is padding-free with one SDPA call per sequence (group_size=1), the
@@ -87,14 +91,14 @@ METHODS = tuple(PREFILLS)
 
 
 def time_batch(model, prompts, repeats: int) -> dict:
-    """Times of every method on one batch: medians over rounds, and medians (with ranges) of the
-    per-round ratios. Run under ``mallopt_for_timing()``, not the memory measurement's setting."""
+    """Times of every method on one batch: medians over rounds, and the medians of the per-round
+    ratios. Run under ``mallopt_for_timing()``, not the memory measurement's setting."""
     ref = padded_prefill(model, prompts)
     lengths = [len(p) for p in prompts]
     real = sum(lengths)
     slots = {"padded": len(prompts) * max(lengths), "prepacked": pack_prompts(prompts).input_ids.numel(),
              "padding-free": real, "per-sequence": real}
-    row = {"batch": len(prompts), "mean_len": real / len(prompts), "max_len": max(lengths)}
+    row = {"mean_len": real / len(prompts), "max_len": max(lengths)}
     fns = {m: functools.partial(fn, model, prompts) for m, fn in PREFILLS.items()}
     for m, fn in fns.items():
         err = (fn() - ref).abs().max().item()
@@ -104,13 +108,25 @@ def time_batch(model, prompts, repeats: int) -> dict:
         row[f"{m}_ms"] = 1e3 * statistics.median(times[m])
         row[f"{m}_eff"] = real / slots[m]
     for m in METHODS[1:]:
-        ratios = [a / b for a, b in zip(times["padded"], times[m])]
-        row[f"{m}_speedup"] = statistics.median(ratios)
-        row[f"{m}_speedup_range"] = [min(ratios), max(ratios)]
-    pf = [a / b for a, b in zip(times["prepacked"], times["padding-free"])]
-    row["padding-free_vs_prepacked"] = statistics.median(pf)
-    row["padding-free_vs_prepacked_range"] = [min(pf), max(pf)]
+        row[f"{m}_speedup"] = statistics.median(a / b for a, b in zip(times["padded"], times[m]))
+    row["padding-free_vs_prepacked"] = statistics.median(
+        a / b for a, b in zip(times["prepacked"], times["padding-free"]))
     return row
+
+
+SPREAD = ("_speedup", "_mem_saving", "_vs_prepacked")  # the keys whose spread a row reports
+
+
+def setting_row(distribution: str, batch: int, per_batch: list[dict]) -> dict:
+    """One setting's row: the median over its batches of every per-batch number, the quartiles
+    (``_iqr``) and range (``_range``) of the gains, and the per-batch numbers themselves."""
+    row = {"distribution": distribution, "batch": batch, "batches": len(per_batch)}
+    for key in per_batch[0]:
+        s = summary([b[key] for b in per_batch])
+        row[key] = s["median"]
+        if key.endswith(SPREAD):
+            row[f"{key}_iqr"], row[f"{key}_range"] = s["iqr"], s["range"]
+    return {**row, "per_batch": per_batch}
 
 
 def memory_batch(model, prompts, row: dict) -> dict:
@@ -141,11 +157,27 @@ def mallopt_for_timing():
 
 
 def plot(results):
-    """figures/bench_packing.png from the results (also from the JSON): time, memory and
-    efficiency of each method at the largest batch size, per distribution."""
-    batch = max(r["batch"] for r in results["rows"])
-    last = [r for r in results["rows"] if r["batch"] == batch]
-    fig, axes = plt.subplots(1, 3, figsize=(7, 3.6))
+    """figures/bench_packing.png from the results (also from the JSON): on top, every batch's
+    speed-up and memory saving of prepacking over padding, per setting; below, time, memory and
+    efficiency of each method at the largest batch size (medians over its batches)."""
+    fig = plt.figure(figsize=(7, 7.2), layout="constrained")
+    upper, lower = fig.subfigures(2, 1, height_ratios=(1, 1.1))
+    rows = results["rows"]
+    names = [f"{r['distribution']}, {r['batch']}" for r in rows]
+    for ax, key, label in zip(upper.subplots(1, 2), ("prepacked_speedup", "prepacked_mem_saving"),
+                              ("prefill speed-up", "peak-memory saving")):
+        box_and_dots(ax, [[b[key] for b in r["per_batch"]] for r in rows],
+                     [f"C{i // 2}" for i in range(len(rows))], width=0.6, jitter=0.2)
+        ax.set_xticks(range(1, len(rows) + 1), names, fontsize=8, rotation=30, ha="right",
+                      rotation_mode="anchor")
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_ylabel(f"prepacking's {label}\nover padding (x)", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+    upper.suptitle(f"One dot per batch ({results['batches']} per setting: distribution, batch "
+                   "size); box: quartiles", fontsize=10)
+    batch = max(r["batch"] for r in rows)
+    last = [r for r in rows if r["batch"] == batch]
+    axes = lower.subplots(1, 3)
     width = 0.2
     for k, (key, label) in enumerate([("ms", "prefill time (ms)"), ("MB", "peak memory (MB)"),
                                       ("eff", "real tokens / computed slots")]):
@@ -157,32 +189,42 @@ def plot(results):
                       rotation=25, ha="right", rotation_mode="anchor")
         ax.tick_params(axis="y", labelsize=9)
         ax.set_ylabel(label, fontsize=9)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(METHODS),
-               fontsize=9, frameon=False, handlelength=1.2, columnspacing=1.0)
-    fig.suptitle(f"Prefill of {batch} prompts, workbench target, CPU, "
-                 f"{results['environment']['threads']} thread(s); medians of paired rounds", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    lower.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(METHODS),
+                 fontsize=9, frameon=False, handlelength=1.2, columnspacing=1.0)
+    lower.suptitle(f"Prefill of {batch} prompts, workbench target, CPU, "
+                   f"{results['environment']['threads']} thread(s); medians over the batches",
+                   fontsize=10)
     return fig
 
 
-def run(batch_sizes=(16, 64), distributions=("uniform", "lognormal", "corpus"), repeats: int = 7,
-        seed: int = 0) -> dict:
+def draw_batches(distribution: str, batch: int, count: int, rng: random.Random, ids, corpus: str,
+                 max_len: int) -> list[list[torch.Tensor]]:
+    """``count`` batches of ``batch`` prompts cut from the corpus at random places, with lengths
+    drawn from ``distribution`` (``sample_lengths``)."""
+    out = []
+    for _ in range(count):
+        lengths = sample_lengths(distribution, batch, max_len, rng, corpus)
+        starts = [rng.randrange(len(ids) - n) for n in lengths]
+        out.append([ids[s:s + n] for s, n in zip(starts, lengths)])
+    return out
+
+
+def run(batch_sizes=(16, 64), distributions=("uniform", "lognormal", "corpus"), repeats: int = 1,
+        batches: int = BATCHES, seed: int = 0) -> dict:
     model = load("target")
     tok, corpus = CharTokenizer.from_corpus(), load_corpus()
     ids = torch.tensor(tok.encode(corpus))
     rng = random.Random(seed)
-    batches = []
-    for dist, B in [(d, b) for d in distributions for b in batch_sizes]:
-        lengths = sample_lengths(dist, B, model.config.block_size, rng, corpus)
-        starts = [rng.randrange(len(ids) - n) for n in lengths]
-        batches.append((dist, [ids[s:s + n] for s, n in zip(starts, lengths)]))
+    settings = [(d, b, draw_batches(d, b, batches, rng, ids, corpus, model.config.block_size))
+                for d in distributions for b in batch_sizes]
     mallopt_for_memory()  # first, while the heap is empty
-    memory = [memory_batch(model, prompts, {}) for _, prompts in tqdm(batches, desc="packing: memory")]
+    memory = [[memory_batch(model, prompts, {}) for prompts in drawn]
+              for _, _, drawn in tqdm(settings, desc="packing: memory")]
     mallopt_for_timing()  # the memory setting would slow every allocation
-    rows = [{"distribution": dist, **time_batch(model, prompts, repeats)}
-            for dist, prompts in tqdm(batches, desc="packing: time")]
-    for row, mem in zip(rows, memory):
-        row.update(mem)
+    rows = []
+    for (dist, B, drawn), mem in zip(tqdm(settings, desc="packing: time"), memory):
+        per_batch = [{**time_batch(model, prompts, repeats), **m} for prompts, m in zip(drawn, mem)]
+        rows.append(setting_row(dist, B, per_batch))
     print_table([{k: v for k, v in r.items() if k.endswith(("_ms", "speedup", "_vs_prepacked"))
                   or k in ("distribution", "batch")} for r in rows])
     print_table([{k: v for k, v in r.items() if k in ("distribution", "batch") or k.endswith(("_eff", "_MB"))}
@@ -191,7 +233,10 @@ def run(batch_sizes=(16, 64), distributions=("uniform", "lognormal", "corpus"), 
           f"memory ({PREPACKING_REPO['model']} model, {PREPACKING_REPO['dataset']}, batch "
           f"{PREPACKING_REPO['batch_size']}, {PREPACKING_REPO['gpu']})")
     results = {"rows": rows, "prepacking_repository": PREPACKING_REPO, "seed": seed, "repeats": repeats,
-               "timing": "rounds of every method once, back to back, with glibc's default allocator; "
-                         "medians over rounds; memory measured first, with M_MMAP_THRESHOLD 64 KiB"}
+               "batches": batches,
+               "timing": f"{batches} batches per setting; per batch, {repeats} round(s) of every method "
+                         "once, back to back, after a warm-up call each, with glibc's default allocator; "
+                         "memory measured first, with M_MMAP_THRESHOLD 64 KiB; rows: medians over the "
+                         "batches"}
     write_results("packing", results, plot)
     return results

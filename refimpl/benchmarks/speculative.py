@@ -11,7 +11,9 @@ median over ``repeats`` adjacent pairs of one autoregressive and one speculative
 alternating order. The JSON keeps every prompt's values.
 
 ``LeanDecoder`` rows run every model call of both sides, the autoregressive baseline included,
-through ``refimpl.speculative.LeanDecoder`` (the same numbers without nn.Module dispatch).
+through ``refimpl.speculative.LeanDecoder`` (the same numbers without nn.Module dispatch). The
+LSTM draft (``refimpl.recurrent``, checkpoint ``draft_lstm``) drafts through the same
+``DraftModel`` as the transformer drafts.
 """
 import statistics
 import time
@@ -31,13 +33,14 @@ from refimpl.speculative import (AdaptiveGamma, DraftModel, LeanDecoder, NGramTa
 
 HELD_OUT, TUNING = 32, 8  # validation passages: reported, and for choosing the draft lengths
 PROMPT_LEN, NEW_TOKENS = 32, 160
-GAMMAS = (2, 4, 6, 8, 10, 12)  # the draft models' sweep, on the tuning passages
+GAMMAS = (2, 4, 6, 8, 10, 12, 16)  # the draft models' sweep, on the tuning passages
 COPY_GAMMAS = (4, 8, 12, 16, 24)  # prompt lookup with the editor on the copy task, likewise
 COPY_LEN = 112  # characters of a copy-task passage
 EXAMPLE_START = 5000  # chapter 5's example passage (neither a tuning nor a held-out one)
 LEAN = "distilled draft model, LeanDecoder"
+LSTM = "LSTM draft model"  # refimpl.recurrent, distilled like the distilled draft
 MODELS = {"draft model": "draft", "distilled draft model": "draft_distilled",
-          LEAN: "draft_distilled"}  # drafter -> checkpoint, the ones the gamma sweep tunes
+          LEAN: "draft_distilled", LSTM: "draft_lstm"}  # drafter -> checkpoint, the ones tuned
 
 
 def paired_speedup(ar, sp, repeats: int):
@@ -133,7 +136,7 @@ def plot(results):
     top.set_title(f"Every drafter on {results['held_out']} held-out passages (box: quartiles)\n"
                   "blue: greedy, orange: T = 1, green: copy task", fontsize=10)
     c = results["c"]
-    for name, color in zip(MODELS, ("C0", "C3", "C4")):
+    for name, color in zip(MODELS, ("C0", "C3", "C4", "C5")):
         part = [s for s in results["gamma_sweep"] if s["drafter"] == name]
         gs = [s["gamma"] for s in part]
         short = name.replace(" model", "").replace("distilled draft, ", "")
@@ -173,7 +176,8 @@ def cost_ratios(models, prompts):
     ms = {name: statistics.median(v) for name, v in per.items()}
     c = {"draft model": ms["draft"] / ms["target"],
          "distilled draft model": ms["draft_distilled"] / ms["target"],
-         LEAN: ms["draft_distilled, LeanDecoder"] / ms["target, LeanDecoder"]}
+         LEAN: ms["draft_distilled, LeanDecoder"] / ms["target, LeanDecoder"],
+         LSTM: ms["draft_lstm"] / ms["target"]}
     return ms, c
 
 
@@ -225,7 +229,7 @@ def run_copy_task(tok, name, model, passages, gamma, repeats):
 def run(repeats: int = 2, held_out: int = HELD_OUT, tuning: int = TUNING) -> dict:
     tok = CharTokenizer.from_corpus()
     train_ids, val_ids = splits(tok)
-    names = ("target", "draft", "draft_distilled", "editor")
+    names = ("target", "draft", "draft_distilled", "draft_lstm", "editor")
     models = dict(zip(names, (load(n) for n in names)))
     target, lean_target = models["target"], LeanDecoder(models["target"])
     window = PROMPT_LEN + NEW_TOKENS
@@ -238,7 +242,8 @@ def run(repeats: int = 2, held_out: int = HELD_OUT, tuning: int = TUNING) -> dic
                "tuning_starts": tune_starts}
 
     ms, c = cost_ratios({"target": target, "draft": models["draft"],
-                         "draft_distilled": models["draft_distilled"], "target, LeanDecoder": lean_target,
+                         "draft_distilled": models["draft_distilled"], "draft_lstm": models["draft_lstm"],
+                         "target, LeanDecoder": lean_target,
                          "draft_distilled, LeanDecoder": LeanDecoder(models["draft_distilled"])},
                         tune_prompts)
     results.update(ms_per_token=ms, c=c, c_draft=c["draft model"],
@@ -255,6 +260,7 @@ def run(repeats: int = 2, held_out: int = HELD_OUT, tuning: int = TUNING) -> dic
         "distilled draft model": (target, lambda: DraftModel(distilled),
                                   best["distilled draft model"], distilled),
         LEAN: (lean_target, lambda: DraftModel(lean_draft), best[LEAN], distilled),
+        LSTM: (target, lambda: DraftModel(models["draft_lstm"]), best[LSTM], models["draft_lstm"]),
         "draft model, BiLD fallback 0.5": (target, lambda: DraftModel(draft, stop_below=0.5), 4, None),
         "draft model, adaptive gamma": (target, lambda: AdaptiveGamma(DraftModel(draft), start=4,
                                                                       max_gamma=8), 8, None),
