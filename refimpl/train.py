@@ -63,7 +63,7 @@ PRESETS = {
     # 2022), so the checkpoint stores 6 MB on top of the target's.
     "editor": Preset(n_layer=6, n_head=8, n_embd=256, batch_size=16, steps=2000, lr=1e-3, warmup=50,
                      init="target", task="edit", train_only=".attn."),
-    # The same distillation into an LSTM, which drafts at a dozen operations per token (chapter 5).
+    # The same distillation into one LSTM layer: a third of the torch calls per draft token (ch. 5).
     "draft_lstm": Preset(n_layer=1, n_head=1, n_embd=256, batch_size=16, steps=6000, lr=3e-3,
                          teacher="target", teacher_samples=1024, arch="lstm"),
     "smoke": Preset(n_layer=1, n_head=2, n_embd=32, block_size=64, batch_size=8, steps=30),
