@@ -430,7 +430,7 @@ def save(model: TinyGPT, path: Path, base: str | None = None, **record) -> None:
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def load(name: str, attn_backend: str = "sdpa") -> TinyGPT:
+def load(name: str, attn_backend: str = "sdpa") -> nn.Module:
     """Load a committed checkpoint by name ("target", "draft") or by path (a ``draft_lstm``-like
     checkpoint loads as ``refimpl.recurrent.LSTMDraft``)."""
     if not isinstance(name, str):

@@ -252,7 +252,7 @@ def run(repeats: int = 2, held_out: int = HELD_OUT, tuning: int = TUNING) -> dic
     results.update(gamma_sweep=sweep, tuned_gamma=best)
 
     table = NGramTable.from_tokens(train_ids, tok.vocab_size, order=4)
-    draft, distilled = models["draft"], models["draft_distilled"]
+    draft, distilled, lstm = models["draft"], models["draft_distilled"], models["draft_lstm"]
     lean_draft = LeanDecoder(distilled)
     # drafter -> (target, a fresh drafter, gamma, the draft model whose a is measured)
     drafters = {
@@ -260,7 +260,7 @@ def run(repeats: int = 2, held_out: int = HELD_OUT, tuning: int = TUNING) -> dic
         "distilled draft model": (target, lambda: DraftModel(distilled),
                                   best["distilled draft model"], distilled),
         LEAN: (lean_target, lambda: DraftModel(lean_draft), best[LEAN], distilled),
-        LSTM: (target, lambda: DraftModel(models["draft_lstm"]), best[LSTM], models["draft_lstm"]),
+        LSTM: (target, lambda: DraftModel(lstm), best[LSTM], lstm),
         "draft model, BiLD fallback 0.5": (target, lambda: DraftModel(draft, stop_below=0.5), 4, None),
         "draft model, adaptive gamma": (target, lambda: AdaptiveGamma(DraftModel(draft), start=4,
                                                                       max_gamma=8), 8, None),
