@@ -158,7 +158,7 @@ def teacher_text(teacher: TinyGPT, ids: torch.Tensor, num: int, block_size: int,
     return torch.cat(out)
 
 
-def build_model(preset: Preset, vocab_size: int) -> TinyGPT:
+def build_model(preset: Preset, vocab_size: int) -> TinyGPT | LSTMDraft:
     """A fresh TinyGPT (or LSTMDraft) of the preset's size (from the global seed), or a copy of
     ``preset.init``; with ``train_only``, every other parameter is frozen."""
     if preset.arch == "lstm":

@@ -27,7 +27,7 @@ def test_checkpoint_reproduces_its_recorded_validation_loss(name):
 
 def test_checkpoints_are_small_and_unknown_names_are_refused():
     total = sum(p.stat().st_size for p in lm.CHECKPOINTS.glob("*.pt"))
-    assert total < 36e6
+    assert total < 32e6
     with pytest.raises(ValueError, match="known"):
         lm.load("nonexistent")
 

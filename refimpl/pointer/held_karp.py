@@ -89,8 +89,9 @@ def held_karp(points, max_n: int = MAX_HELD_KARP_N
 
 
 def held_karp_lengths(points: torch.Tensor) -> torch.Tensor:
-    """Optimal lengths [B] of instances [B, n, 2] too large to batch (n > MAX_HELD_KARP_N), one
-    instance at a time: the table is 2^(n-1) (n-1) entries per instance (about 3 s at n = 20)."""
+    """Optimal lengths [B] of instances [B, n, 2], one instance at a time, for n where a batch's
+    table of 2^(n-1) (n-1) entries per instance would not fit (``evaluate`` batches up to
+    MAX_HELD_KARP_N); about 3 s an instance at n = 20."""
     n = points.shape[1]
     return torch.cat([held_karp(p[None], max_n=n)[0] for p in
                       tqdm(points, desc=f"Held-Karp n={n}", leave=False)])
