@@ -252,19 +252,37 @@ class KVCache:
     def reorder(self, index: torch.Tensor) -> None:
         """Replace row b by row index[b] (beam search); index may repeat rows or change B."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.device)
-        if index.ndim != 1 or not index.numel() or not (
-                0 <= int(index.min()) and int(index.max()) < self.batch_size):
+        src = index.tolist() if index.ndim == 1 else []  # checked in Python: one sync, no kernels
+        if not src or not 0 <= min(src) <= max(src) < self.batch_size:
             raise ValueError(f"index must be a non-empty 1-D tensor of rows in [0, {self.batch_size})")
-        self.shape = (self.shape[0], len(index)) + self.shape[2:]
+        same_rows = len(src) == self.batch_size
+        self.shape = (self.shape[0], len(src)) + self.shape[2:]
         if self.k is None:
             return
-        self.k, self.v = (self._gather(t, index) for t in (self.k, self.v))
+        if same_rows:
+            for t in (self.k, self.v):
+                self._move_rows(t[:, :, :, :self.length], src)
+        else:
+            self.k, self.v = (self._gather(t, index) for t in (self.k, self.v))
 
     def _gather(self, t, index):
-        picked = t[:, :, :, :self.length].index_select(1, index)
-        out = t if t.shape == self.shape else t.new_empty(self.shape)  # same rows: in place
-        out[:, :, :, :self.length] = picked
+        out = t.new_empty(self.shape)
+        out[:, :, :, :self.length] = t[:, :, :, :self.length].index_select(1, index)
         return out
+
+    @staticmethod
+    def _move_rows(t, src):
+        """In place, row b of t takes row src[b], copying only the rows that change (in a beam
+        search step many keep their own): the rows that take a higher row are saved first, then
+        from the last row to the first each row that takes a lower one (not overwritten yet in
+        this order), then the saved rows."""
+        higher = [b for b, s in enumerate(src) if s > b]
+        saved = t[:, [src[b] for b in higher]] if higher else None  # advanced indexing: a copy
+        for b in reversed(range(len(src))):
+            if src[b] < b:
+                t[:, b] = t[:, src[b]]
+        if higher:
+            t[:, higher] = saved
 
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (0 before the first write)."""

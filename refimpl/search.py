@@ -161,9 +161,30 @@ def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
     # two rounds: each beam's k best, then the best k of those Bg * k (the
     # group's k best hold at most k of one beam); one top-k over Bg * V
     # scores is several times slower on a CPU at GPT-2's vocabulary
-    top, token = logp.topk(min(k, V), dim=-1)
+    top, token = blockwise_topk(logp, min(k, V))
     scores, pos = (top + running[..., None]).view(N, -1).topk(k, dim=1)
     return scores, (pos // top.shape[2]) * V + token.view(N, -1).gather(1, pos)
+
+
+def blockwise_topk(x, k, block=128):
+    """x.topk(k) over the last dim of x [..., V], in two rounds when V is
+    large: each block of ``block`` columns' maximum, then one top-k over the k
+    blocks with the largest maxima and the last V % block columns. Every entry
+    of the top k lies there: a block left out has k blocks above its maximum.
+    Same values, best first; a tie may pick an equal entry elsewhere."""
+    V = x.shape[-1]
+    if V < 16 * k * block:  # too few blocks for the first round to pay
+        return x.topk(k, dim=-1)
+    n = V // block
+    rows = x.reshape(-1, V)
+    blocks = rows[:, :n * block].view(-1, n, block)
+    best = blocks.amax(-1).topk(k, dim=-1).indices  # [R, k] block numbers
+    picked = blocks.gather(1, best[..., None].expand(-1, -1, block))
+    top, pos = torch.cat([picked.flatten(1), rows[:, n * block:]], 1).topk(k)
+    block_of = best.gather(1, (pos // block).clamp(max=k - 1))
+    column = torch.where(pos < k * block, block_of * block + pos % block,
+                         pos + (n - k) * block)
+    return top.view(x.shape[:-1] + (k,)), column.view(x.shape[:-1] + (k,))
 
 
 @dataclass
@@ -354,8 +375,8 @@ def check_prefix_cache_args(cache, beams, capacity):
 
 def check_beam_rows(index, rows, beams):
     """ValueError unless ``index`` [rows] sends each row to a beam of its own prompt."""
-    own = torch.arange(rows, device=index.device) // beams
-    if index.shape != (rows,) or bool((index // beams != own).any()):
+    src = index.tolist() if index.ndim == 1 else []
+    if len(src) != rows or any(s // beams != b // beams for b, s in enumerate(src)):
         raise ValueError(f"index must hold {rows} rows, each a beam of its own prompt (the "
                          f"cache was built for {rows // beams} prompts x {beams} beams)")
 
@@ -599,7 +620,8 @@ def beam_step(state, rules, logits, t, eos, fill, penalty):
     counts = torch.zeros(N, V, device=logits.device) if G > 1 else None
     groups = [advance_group(state, rules, g, logits, counts, t, eos, fill,
                             penalty) for g in range(G)]
-    parents, state.running, chosen = (torch.cat(x, 1) for x in zip(*groups))
+    parents, state.running, chosen = (groups[0] if G == 1 else
+                                      (torch.cat(x, 1) for x in zip(*groups)))
     index = parents[..., None].expand_as(state.tokens)
     state.tokens = state.tokens.gather(1, index)
     state.tokens[:, :, t] = chosen

@@ -112,6 +112,20 @@ def test_reorder_gathers_rows(model):
         cache.reorder(torch.tensor([0, 4]))
 
 
+@pytest.mark.parametrize("index", [[0, 1, 2, 3, 4], [1, 0, 3, 4, 2], [4, 4, 0, 0, 1], [0, 0, 0, 2, 2],
+                                   [3, 1, 1, 0, 4]])
+def test_reorder_in_place_equals_index_select(index):
+    """Same batch: rows move in place, only those that change (swaps, cycles, repeats)."""
+    cache = KVCache(2, 5, 2, 3, 6)
+    for layer in range(2):
+        cache.update(layer, torch.randn(5, 2, 4, 3), torch.randn(5, 2, 4, 3))
+    cache.advance(4)
+    before = [(k.clone(), v.clone()) for k, v in cache.kv()]
+    cache.reorder(torch.tensor(index))
+    for (k, v), (k0, v0) in zip(cache.kv(), before):
+        assert torch.equal(k, k0[index]) and torch.equal(v, v0[index])
+
+
 @torch.no_grad()
 def test_block_diagonal_mask_gives_each_segment_its_own_logits(model):
     a, b = ids(1, 9), ids(1, 14, seed=5)

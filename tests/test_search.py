@@ -9,7 +9,7 @@ import transformers
 
 from refimpl.hf import PLAIN_HEAD_FAMILIES, HFCausalLM
 from refimpl.lm import GPTConfig, TinyGPT, additive_mask
-from refimpl.search import (BeamOutput, SharedPrefixStepper, Stepper, beam_search,
+from refimpl.search import (BeamOutput, SharedPrefixStepper, Stepper, beam_search, blockwise_topk,
                             distinct_n, edit_distance, fused_partial_attention, greedy_search,
                             group_candidates,
                             mean_logprob_per_token, mean_pairwise_edit_distance, partial_attention,
@@ -402,6 +402,34 @@ def test_long_prompts_equal_hf_generate(kind, prompt_len, num_beams, num_beam_gr
                            **kw)
         assert torch.equal(ours.sequences, ref.sequences), (shared_prefix, kw)
         torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_beams,num_beam_groups,diversity_penalty", [(4, 1, 0.0), (8, 1, 0.0),
+                                                                         (8, 4, 0.5)])
+def test_equals_hf_generate_at_gpt2_vocabulary(num_beams, num_beam_groups, diversity_penalty):
+    """At 50257 tokens each beam's top 2 Bg is taken block-wise (``blockwise_topk``)."""
+    vocab, eos = 50257, 50256
+    model = bias_token(tiny_hf("gpt2", vocab=vocab, eos_token_id=eos), eos, 2.0)
+    ids = torch.randint(0, eos, (2, 6), generator=torch.Generator().manual_seed(4))
+    kw = dict(num_beams=num_beams, num_beam_groups=num_beam_groups, max_new_tokens=MAX_NEW,
+              diversity_penalty=diversity_penalty, eos_token_id=eos, pad_token_id=eos,
+              num_return_sequences=num_beams)
+    ref = hf_generate(model, ids, torch.ones_like(ids), **kw)
+    ours = beam_search(HFCausalLM(model), ids, **kw)
+    assert (ours.sequences == eos).any(), "no hypothesis finished: the test would miss EOS handling"
+    assert torch.equal(ours.sequences, ref.sequences)
+    torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("V,k", [(50257, 8), (40000, 16), (16 * 8 * 128, 8), (300, 4)])
+def test_blockwise_topk_equals_topk(V, k):
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(3, 5, V, generator=g)
+    x[0, 0, -1] = 9.0  # a row whose best entry is in the columns after the last whole block
+    x[1, 2, :k] = 9.0 + torch.arange(k)  # a row whose k best share one block
+    values, columns = blockwise_topk(x, k)
+    want = x.topk(k)
+    assert torch.equal(values, want.values) and torch.equal(columns, want.indices)
 
 
 def workbench_model(seed=0):

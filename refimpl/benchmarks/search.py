@@ -8,7 +8,8 @@ the check would catch a difference if it were).
 Two parts:
 
 * the grid of short prompts (32 and 128 tokens), each setting on 16 batches of 2 random
-  prompts (medians over the batches, each batch's three timings back to back), ours with
+  prompts (medians over the batches; per batch the three timed back to back twice, in the
+  order a, b, c, c, b, a, so that a drifting machine favours none, and averaged), ours with
   the shared-prefix cache. A third timing runs the model calls of our loop and nothing else (the prompts once, then
   max_new_tokens - 1 one-token steps of every beam, no search, no reordering): no loop
   around the same forward passes can beat HF by more than t_hf / t_forwards, the
@@ -17,7 +18,7 @@ Two parts:
   model: HF, our loop with a plain cache (the prompt copied into every beam, as HF),
   with the shared-prefix cache, and with the shared-prefix cache and the vocabulary-major
   LM head (``HFCausalLM(vocab_major_head=True)``), each prompt's four runs back to back,
-  on 32 prompts at 1024 tokens (the target setting) and 4 at the other lengths;
+  on 32 prompts at every length;
   the KV-cache bytes of each, and at 1024 tokens how far each raises the resident memory of a
   fresh process.
 
@@ -154,8 +155,8 @@ def head_product_ms(models, rows=(1, 2, 4, 8, 16, 32), repeats=9) -> list[dict]:
 
 def run_grid(models, batches):
     """Per short setting, ``batches`` batches of 2 prompts: per batch the outputs checked identical,
-    then HF, ours and our forward passes alone back to back (a warm-up round on the first); the
-    ratios per batch, and their medians and spread."""
+    then HF, ours and our forward passes alone timed back to back and again in reverse order (a
+    warm-up round on the first); the ratios per batch, and their medians and spread."""
     rows = []
     for name, prompt_len, B, G, dp in tqdm(CASES, desc="search, short prompts"):
         hf = models[name]
@@ -169,7 +170,9 @@ def run_grid(models, batches):
                 raise AssertionError(f"outputs differ for num_beams={B}, groups={G}")
             if i == 0:
                 fns["forwards"]()
-            per.append({m: timed(fn)[0] for m, fn in fns.items()})
+            there = {m: timed(fns[m])[0] for m in fns}
+            back = {m: timed(fns[m])[0] for m in reversed(fns)}
+            per.append({m: (there[m] + back[m]) / 2 for m in fns})
         tokens = 2 * 32
         speedup = summary([t["hf"] / t["ours"] for t in per])
         share = summary([t["forwards"] / t["ours"] for t in per])
@@ -192,14 +195,12 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def run_long(hf, prompts_per_length, target_prompts):
-    """Per prompt length (``target_prompts`` prompts at TARGET_LEN, ``prompts_per_length`` at the
-    others): each method once on a warm-up prompt, then on each prompt the four back to back,
-    timed, their outputs checked identical."""
+def run_long(hf, prompts_per_length):
+    """Per prompt length, each method once on a warm-up prompt, then on each of
+    ``prompts_per_length`` prompts the four back to back, timed, their outputs checked identical."""
     rows, vocab = [], hf.config.vocab_size
     for length in tqdm(PROMPT_LENGTHS, desc="search, long prompts"):
-        count = target_prompts if length == TARGET_LEN else prompts_per_length
-        warm_up, *prompts = prompt_set(vocab, length, count + 1, seed=length)
+        warm_up, *prompts = prompt_set(vocab, length, prompts_per_length + 1, seed=length)
         for fn in decoders(hf, warm_up, LONG_BEAMS, LONG_NEW).values():
             fn()
         per_prompt = []
@@ -231,21 +232,29 @@ def plot(results):
     ax.barh(y - 0.2, [r["ours_tokens_per_s"] for r in rows], 0.4, label="refimpl beam_search")
     ax.vlines([r["forwards_tokens_per_s"] for r in rows], y - 0.45, y + 0.45, colors="k", lw=1.5,
               label="forward passes alone (ceiling)")
-    right = max(max(r["forwards_tokens_per_s"], r["ours_tokens_per_s"]) for r in rows)
-    for i, r in enumerate(rows):
-        ax.text(max(r["forwards_tokens_per_s"], r["ours_tokens_per_s"]) + 0.02 * right, i,
-                f"{r['speedup']:.2f}x", va="center", fontsize=9)
-    ax.set_xlim(0, 1.15 * right)
+    tokens = results["batch"] * results["new_tokens"]
+    for i, r in enumerate(rows):  # the spread: one dot per batch of prompts
+        for m, dy in (("hf", 0.2), ("ours", -0.2)):
+            ax.plot([tokens / t[m] for t in r["seconds"]], [i + dy] * len(r["seconds"]), ".",
+                    color="0.15", ms=2.5, label="one batch" if i == 0 and m == "hf" else None)
+    ends = [max(max(tokens / t[m] for t in r["seconds"] for m in ("hf", "ours")),
+                r["forwards_tokens_per_s"]) for r in rows]
+    right = max(ends)
+    for i, (r, end) in enumerate(zip(rows, ends)):
+        lo, hi = r["speedup_range"]
+        ax.text(end + 0.02 * right, i, f"{r['speedup']:.2f}x ({lo:.2f}-{hi:.2f})", va="center",
+                fontsize=8)
+    ax.set_xlim(0, 1.3 * right)
     labels = [f"{r['model'].split(', ')[0].removeprefix('gpt2 ')}, P {r['prompt_len']}, "
               f"B {r['num_beams']}, G {r['groups']}" for r in rows]
     ax.set_yticks(y.tolist(), labels, fontsize=9)
-    ax.set_xlabel("generated tokens / s (label: speed-up over HF)")
+    ax.set_xlabel("generated tokens / s (bars: medians)\nlabels: speed-up over HF, median (range)")
     shapes = ", ".join(name.removeprefix("gpt2 ").replace(", V=", " (V ") + ")"
                           for name in results["models"])
     ax.set_title(f"Short prompts: GPT-2 {shapes}, random weights,\nbatch "
                  f"{results['batch']}, prompt P, {results['new_tokens']} new tokens, B beams in G "
                  f"groups, {results['environment']['threads']} thread", fontsize=10)
-    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.45, -0.2), ncol=3, frameon=False)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.45, -0.2), ncol=2, frameon=False)
     long = results["long"]
     lengths = [r["prompt_len"] for r in long]
     ax = fig.add_subplot(grid[1, 0])
@@ -276,12 +285,12 @@ def plot(results):
     return fig
 
 
-def run(batches: int = 16, prompts_per_length: int = 4, target_prompts: int = 32) -> dict:
+def run(batches: int = 16, prompts_per_length: int = 32) -> dict:
     transformers.logging.set_verbosity_error()
     models = {name: model(*shape[:3]) for name, shape in MODELS.items()}
     rows = run_grid(models, batches)
     print_table([{k: v for k, v in r.items() if k != "seconds"} for r in rows])
-    long = run_long(models[LONG_MODEL], prompts_per_length, target_prompts)
+    long = run_long(models[LONG_MODEL], prompts_per_length)
     print_table([{"prompt_len": r["prompt_len"], **{m: r["speedup"][m] for m in METHODS[1:]},
                   "kv_share": r["kv_share"]} for r in long])
     head = head_product_ms(models)
@@ -293,8 +302,7 @@ def run(batches: int = 16, prompts_per_length: int = 4, target_prompts: int = 32
                "batch": 2, "new_tokens": 32, "batches": batches, "rows": rows,
                "long": long, "long_setting": {"model": LONG_MODEL, "num_beams": LONG_BEAMS,
                                               "new_tokens": LONG_NEW, "target_len": TARGET_LEN,
-                                              "prompts_per_length": prompts_per_length,
-                                              "target_prompts": target_prompts},
+                                              "prompts_per_length": prompts_per_length},
                "rss_rise_mib": rss, "head_product_ms": head}
     write_results("search", results, plot)
     return results
