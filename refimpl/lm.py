@@ -284,6 +284,16 @@ class KVCache:
         if higher:
             t[:, higher] = saved
 
+    def copy_rows(self, pairs) -> None:
+        """Row d takes a copy of row s for each (d, s) in ``pairs``; no row is both read and
+        written, so the order does not matter."""
+        if self.k is None:
+            return
+        for t in (self.k, self.v):
+            filled = t[:, :, :, :self.length]
+            for d, s in pairs:
+                filled[:, d] = filled[:, s]
+
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (0 before the first write)."""
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes

@@ -35,8 +35,10 @@ surviving beams (``cache.reorder``). By default the beams share one copy of thei
 keys and values (``SharedPrefixCache``; cascade attention as in Hydragen, Juravsky et al.
 2024): each layer attends to the prompt with all beams' queries in one matmul and to each
 beam's own generated suffix, and merges the two by their log-sum-exps (chapter 3's
-``merge_partials``), so a reorder moves only the suffixes. ``shared_prefix=False`` copies
-the prompt into every beam's row instead, as HF does.
+``merge_partials``), so a reorder touches only the suffixes, and copies only those of beams
+with several children (``branch_rows``: copy on branch, as vLLM's beam search, Kwon et al.
+2023, sec. 4.4). ``shared_prefix=False`` copies the prompt into every beam's row instead, as
+HF does.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def check_beam_args(num_beams, num_beam_groups, diversity_penalty, num_return_se
         raise ValueError(f"length_penalty must be a real number, got {length_penalty!r}")
 
 
-def check_candidate_args(logits, running, counts, diversity_penalty, k) -> None:
+def check_candidate_args(logits, running, counts, diversity_penalty, k, rows=None) -> None:
     """ValueError naming the argument of ``group_candidates`` that is out of range."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor [N, Bg, V], got {tuple(getattr(logits, 'shape', ()))}")
@@ -121,6 +123,10 @@ def check_candidate_args(logits, running, counts, diversity_penalty, k) -> None:
         raise ValueError(f"counts must be None or [N, V] = [{N}, {V}], got {tuple(getattr(counts, 'shape', ()))}")
     check_real("diversity_penalty", diversity_penalty, 0.0)
     check_int("k", k, 1, Bg * V)
+    if rows is not None and (not isinstance(rows, torch.Tensor) or rows.shape != (N, Bg)
+                             or rows.is_floating_point()):
+        raise ValueError(f"rows must be None or an integer tensor [N, Bg] = [{N}, {Bg}], "
+                         f"got {rows!r:.80}")
 
 
 def check_prompt_len(sequences, prompt_len, min_generated: int = 0) -> None:
@@ -145,15 +151,17 @@ def check_sequences(sequences, prompt_len, attention_mask) -> None:
 
 # ---- the pieces of beam search, in the order chapter 2 builds them ----
 
-def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
+def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2,
+                     rows=None):
     """Top-k continuations of one group: logits [N, Bg, V], running [N, Bg].
 
     score = running + log_softmax(logits) - diversity_penalty * counts
     (Vijayakumar et al. eq. 4: counts [N, V] = how often earlier groups chose
     each token at this step). Returns (scores [N, k], flat indices [N, k] into
-    Bg * V), best first.
+    Bg * V), best first. ``rows`` [N, Bg]: beam j's logits are row rows[:, j]
+    (stage 9's cache rows); None: row j.
     """
-    check_candidate_args(logits, running, counts, diversity_penalty, k)
+    check_candidate_args(logits, running, counts, diversity_penalty, k, rows)
     N, Bg, V = logits.shape
     logp = torch.log_softmax(logits, dim=-1)
     if counts is not None and diversity_penalty:
@@ -162,6 +170,9 @@ def group_candidates(logits, running, counts=None, diversity_penalty=0.0, k=2):
     # group's k best hold at most k of one beam); one top-k over Bg * V
     # scores is several times slower on a CPU at GPT-2's vocabulary
     top, token = blockwise_topk(logp, min(k, V))
+    if rows is not None:  # each beam's k best, from its row
+        index = rows[..., None].expand_as(top)
+        top, token = top.gather(1, index), token.gather(1, index)
     scores, pos = (top + running[..., None]).view(N, -1).topk(k, dim=1)
     return scores, (pos // top.shape[2]) * V + token.view(N, -1).gather(1, pos)
 
@@ -173,7 +184,7 @@ def blockwise_topk(x, k, block=128):
     of the top k lies there: a block left out has k blocks above its maximum.
     Same values, best first; a tie may pick an equal entry elsewhere."""
     V = x.shape[-1]
-    if V < 16 * k * block:  # too few blocks for the first round to pay
+    if V // block < max(256, 16 * k):  # too few blocks to pay for round one
         return x.topk(k, dim=-1)
     n = V // block
     rows = x.reshape(-1, V)
@@ -373,25 +384,31 @@ def check_prefix_cache_args(cache, beams, capacity):
         raise ValueError("cache must hold the encoded prompts (it is empty)")
 
 
-def check_beam_rows(index, rows, beams):
-    """ValueError unless ``index`` [rows] sends each row to a beam of its own prompt."""
+def check_beam_rows(index, rows, beams) -> list[int]:
+    """ValueError unless ``index`` [rows] sends each row to a beam of its own prompt;
+    returns it as a list."""
     src = index.tolist() if index.ndim == 1 else []
     if len(src) != rows or any(s // beams != b // beams for b, s in enumerate(src)):
         raise ValueError(f"index must hold {rows} rows, each a beam of its own prompt (the "
                          f"cache was built for {rows // beams} prompts x {beams} beams)")
+    return src
 
 
 class SharedPrefixCache:
     """Beam search's KV cache: the prompts' keys and values once per prompt
     (``prefix``, per layer [N, Hkv, P, D]) and each beam's generated tokens in
-    ``suffix``, an ordinary ``KVCache`` of N * B rows. Reordering the beams
-    moves only their suffixes; the P prompt positions never move."""
+    ``suffix``, an ordinary ``KVCache`` of N * B rows: beam b's in row
+    ``rows[b]``, a row of its own prompt. The model runs on rows, so row
+    ``rows[b]`` is fed beam b's token (``SharedPrefixStepper``). Reordering the
+    beams copies only where a beam has several children; the P prompt
+    positions never move."""
 
     def __init__(self, prefix, suffix):
         self.prefix, self.suffix = prefix, suffix
         N, _, self.prompt_len, _ = prefix[0][0].shape
         self.beams = suffix.batch_size // N
         self.batch_size = suffix.batch_size
+        self.rows = list(range(self.batch_size))
 
     def __len__(self) -> int:
         return self.prompt_len + len(self.suffix)
@@ -420,11 +437,34 @@ class SharedPrefixCache:
         self.suffix.crop(length - self.prompt_len)
 
     def reorder(self, index) -> None:
-        """Row b takes the suffix of row index[b], a beam of its own prompt."""
+        """Beam b continues beam index[b], a beam of its own prompt; only the
+        rows ``branch_rows`` names are copied."""
         index = torch.as_tensor(index, dtype=torch.long,
                                 device=self.prefix[0][0].device)
-        check_beam_rows(index, self.batch_size, self.beams)
-        self.suffix.reorder(index)
+        src = check_beam_rows(index, self.batch_size, self.beams)
+        self.rows, copies = branch_rows(self.rows, src, self.beams)
+        self.suffix.copy_rows(copies)
+
+
+def branch_rows(rows, index, beams):
+    """Copy on branch (as vLLM's beam search does with its KV blocks): beam b
+    continues beam index[b], whose suffix is in row rows[index[b]]. A parent's
+    first child takes over its row as it is; each further child takes a row of
+    its prompt that no beam continues, and a copy. Returns (the new rows, the
+    copies as (to, from) pairs of rows)."""
+    parents = [rows[s] for s in index]
+    kept, free = set(parents), {}  # free: per prompt, the rows left behind
+    for r in range(len(rows)):
+        if r not in kept:
+            free.setdefault(r // beams, []).append(r)
+    new_rows, taken, copies = [], set(), []
+    for b, r in enumerate(parents):
+        if r in taken:  # a further child of the beam in row r
+            copies.append((free[b // beams].pop(), r))
+            r = copies[-1][0]
+        taken.add(r)
+        new_rows.append(r)
+    return new_rows, copies
 
 
 def share_prefix(cache, beams, capacity) -> SharedPrefixCache:
@@ -444,7 +484,8 @@ class Stepper:
     def __init__(self, model, input_ids, attention_mask=None, max_new=0):
         self.model, self.input_ids, self.max_new = model, input_ids, max_new
         self.cache = model.empty_cache(input_ids.shape[0])
-        self.positions = self.mask = self.prompt_mask = None  # no padding
+        # None: no padding, and beam b is row b of cache and logits (stage 9)
+        self.positions = self.mask = self.prompt_mask = self.beam_rows = None
         if attention_mask is not None and not attention_mask.all():
             self.positions, self.prompt_mask, self.mask = \
                 padded_positions_and_masks(attention_mask, max_new)
@@ -484,6 +525,16 @@ class SharedPrefixStepper(Stepper):
 
     def repeat_cache(self, beams: int) -> None:
         self.cache = share_prefix(self.cache, beams, self.max_new)
+
+    def step(self, tokens: torch.Tensor, rows=None) -> torch.Tensor:
+        """Beam b continues beam ``rows[b]`` with ``tokens[b]``, in cache row
+        ``beam_rows[b]``; logits [N, V] of the cache's rows."""
+        if rows is not None:
+            self.cache.reorder(rows)
+            self.beam_rows = tokens.new_tensor(self.cache.rows)
+        if self.beam_rows is not None:  # the model runs on the cache's rows
+            tokens = tokens.clone().index_copy_(0, self.beam_rows, tokens)
+        return super().step(tokens)
 
 
 def greedy_decode(model, input_ids, max_new_tokens, eos_token_id, pad_token_id,
@@ -588,14 +639,17 @@ def add_finished(state, rules, g, scores, parent, token, ends, t):
         state.hyps.add(g, scores, tokens, t + 1, finishing & accept)
 
 
-def advance_group(state, rules, g, logits, counts, t, eos, fill, penalty):
+def advance_group(state, rules, g, logits, counts, t, eos, fill, penalty,
+                  rows=None):
     """Group g's step: its candidates, its finished hypotheses, its Bg
     survivors (parents, scores, tokens, each [N, Bg]); adds the survivors'
     tokens to ``counts`` for the next group's penalty."""
     Bg, V = state.hyps.scores.shape[2], logits.shape[2]
     beams = slice(g * Bg, (g + 1) * Bg)
-    scores, flat = group_candidates(logits[:, beams], state.running[:, beams],
-                                    counts, penalty, 2 * Bg)
+    if rows is None:
+        logits = logits[:, beams]
+    scores, flat = group_candidates(logits, state.running[:, beams],
+                                    counts, penalty, 2 * Bg, rows)
     parent, token = flat // V + g * Bg, flat % V
     ends = (token == eos if eos is not None
             else torch.zeros_like(flat, dtype=torch.bool))
@@ -612,14 +666,15 @@ def advance_group(state, rules, g, logits, counts, t, eos, fill, penalty):
     return parent.gather(1, keep), scores.gather(1, keep), chosen
 
 
-def beam_step(state, rules, logits, t, eos, fill, penalty):
-    """One step of every group in order (logits [N, B, V]); returns each new
-    beam's parent slot and token, [N, B]."""
+def beam_step(state, rules, logits, t, eos, fill, penalty, rows=None):
+    """One step of every group in order (logits [N, B, V]; beam j's is row
+    rows[:, j], or row j if None, which G > 1 needs); returns each new beam's
+    parent slot and token, [N, B]."""
     N, B, V = logits.shape
     G = state.done.shape[1]
     counts = torch.zeros(N, V, device=logits.device) if G > 1 else None
     groups = [advance_group(state, rules, g, logits, counts, t, eos, fill,
-                            penalty) for g in range(G)]
+                            penalty, rows) for g in range(G)]
     parents, state.running, chosen = (groups[0] if G == 1 else
                                       (torch.cat(x, 1) for x in zip(*groups)))
     index = parents[..., None].expand_as(state.tokens)
@@ -673,12 +728,18 @@ def beam_decode(model, input_ids, attention_mask, B, G, rules, eos, pad,
     stepper = stepper_class(model, input_ids, attention_mask, max_new)
     logits = stepper.prompt(B)
     first_row = torch.arange(N, device=input_ids.device)[:, None] * B
+    rows = None  # beam j's logits in row j, until the stepper says otherwise
     for t in range(max_new):
         parents, chosen = beam_step(state, rules, logits.view(N, B, -1), t,
-                                    eos, fill, penalty)
+                                    eos, fill, penalty, rows)
         if t == max_new - 1 or should_stop(state, rules, t):
             break
         logits = stepper.step(chosen.view(-1), (parents + first_row).view(-1))
+        rows = stepper.beam_rows
+        if rows is not None and G > 1:  # groups take their beams' rows: a copy
+            logits, rows = logits.index_select(0, rows), None
+        elif rows is not None:  # within each prompt's block of B rows
+            rows = rows.view(N, B) - first_row
     if rules.scorer:
         add_running_beams(state, rules, t)
     return state.hyps

@@ -10,6 +10,7 @@ import transformers
 from refimpl.hf import PLAIN_HEAD_FAMILIES, HFCausalLM
 from refimpl.lm import GPTConfig, TinyGPT, additive_mask
 from refimpl.search import (BeamOutput, SharedPrefixStepper, Stepper, beam_search, blockwise_topk,
+                            branch_rows,
                             distinct_n, edit_distance, fused_partial_attention, greedy_search,
                             group_candidates,
                             mean_logprob_per_token, mean_pairwise_edit_distance, partial_attention,
@@ -308,6 +309,9 @@ def test_bad_prompts():
     ((torch.randn(1, 2, 5), torch.zeros(1, 2), torch.zeros(1, 5), float("nan"), 2), "diversity_penalty"),
     ((torch.randn(1, 2, 5), torch.zeros(1, 2), torch.zeros(1, 5), -1.0, 2), "diversity_penalty"),
     ((torch.randn(2, 5), torch.zeros(2), None, 0.0, 2), "logits must be a float tensor \\[N, Bg, V\\]"),
+    ((torch.randn(1, 2, 5), torch.zeros(1, 2), None, 0.0, 2, torch.zeros(2, 1, dtype=torch.long)),
+     "rows must be None or an integer tensor \\[N, Bg\\] = \\[1, 2\\]"),
+    ((torch.randn(1, 2, 5), torch.zeros(1, 2), None, 0.0, 2, torch.zeros(1, 2)), "rows must be"),
 ])
 def test_group_candidates_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
@@ -421,7 +425,7 @@ def test_equals_hf_generate_at_gpt2_vocabulary(num_beams, num_beam_groups, diver
     torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("V,k", [(50257, 8), (40000, 16), (16 * 8 * 128, 8), (300, 4)])
+@pytest.mark.parametrize("V,k", [(50257, 8), (40000, 16), (256 * 128, 8), (8192, 4), (300, 4)])
 def test_blockwise_topk_equals_topk(V, k):
     g = torch.Generator().manual_seed(V)
     x = torch.randn(3, 5, V, generator=g)
@@ -449,16 +453,22 @@ def test_shared_prefix_cache_stores_the_prompt_once_and_moves_only_suffixes():
     rows = torch.tensor([1, 1, 0, 3, 6, 4, 4, 5])  # beams move within their prompt
     for step in range(3):
         tokens = torch.arange(8) + step
-        torch.testing.assert_close(shared.step(tokens, rows), plain.step(tokens, rows), atol=1e-5,
-                                   rtol=1e-5)
+        logits = shared.step(tokens, rows)  # of the cache's rows: beam b's in beam_rows[b]
+        torch.testing.assert_close(logits[shared.beam_rows], plain.step(tokens, rows),
+                                   atol=1e-5, rtol=1e-5)
     cache = shared.cache
     assert cache.prefix[0][0].shape[0] == 2 and cache.batch_size == 8 and len(cache) == 6 + 3
     prompt_bytes = sum(k.nbytes + v.nbytes for k, v in cache.prefix)
     plain_prompt_bytes = sum(k[:, :, :6].nbytes + v[:, :, :6].nbytes for k, v in plain.cache.kv())
     assert prompt_bytes * 4 == plain_prompt_bytes
     before = cache.suffix.k[:, :, :, :3].clone()
+    beams_before = before[:, cache.rows]
     cache.reorder(rows)
-    torch.testing.assert_close(cache.suffix.k[:, :, :, :3], before[:, rows])
+    assert all(r // 4 == b // 4 for b, r in enumerate(cache.rows))  # rows of its own prompt
+    assert torch.equal(cache.suffix.k[:, cache.rows, :, :3], beams_before[:, rows])
+    # copy on branch: rows 1 and 4 have two children each, so two rows are copied, none else
+    changed = (cache.suffix.k[:, :, :, :3] != before).flatten(2).any(2).any(0)
+    assert changed.sum() == 2
     with pytest.raises(ValueError, match="each a beam of its own prompt"):
         cache.reorder(torch.tensor([4, 1, 2, 3, 4, 5, 6, 7]))  # row 0 takes a beam of prompt 1
     with pytest.raises(ValueError, match="index must hold 8 rows"):
@@ -471,6 +481,31 @@ def test_shared_prefix_cache_stores_the_prompt_once_and_moves_only_suffixes():
         share_prefix(model.empty_cache(2), 4, 10)
     with pytest.raises(ValueError, match="beams must be an int"):
         share_prefix(plain.cache, 0, 10)
+
+
+def test_branch_rows_copies_once_per_further_child():
+    """Brute force over random reorders: every beam ends in a row of its own prompt holding its
+    parent's suffix, the rows stay a permutation, and the copies are one per child after a
+    parent's first (the fewest any row assignment can make)."""
+    g = torch.Generator().manual_seed(0)
+    N, B = 3, 4
+    rows, content = list(range(N * B)), [(r,) for r in range(N * B)]  # content[r]: row r's suffix
+    for step in range(50):
+        index = (torch.randint(0, B, (N, B), generator=g) + B * torch.arange(N)[:, None]).flatten()
+        index = index.tolist()
+        want = [content[rows[s]] + (step,) for s in index]  # each beam's suffix, one token longer
+        new_rows, copies = branch_rows(rows, index, B)
+        assert sorted(new_rows) == list(range(N * B))
+        assert all(r // B == b // B for b, r in enumerate(new_rows))
+        assert len(copies) == N * B - len(set(index))
+        written = [d for d, _ in copies]
+        assert len(set(written)) == len(written) and not set(written) & {s for _, s in copies}
+        for d, s in copies:
+            content[d] = content[s]
+        for b, r in enumerate(new_rows):
+            content[r] = content[r] + (step,)
+        assert [content[r] for r in new_rows] == want
+        rows = new_rows
 
 
 def test_shared_prefix_runs_out_of_room_with_a_clear_error():
