@@ -646,9 +646,7 @@ def advance_group(state, rules, g, logits, counts, t, eos, fill, penalty,
     tokens to ``counts`` for the next group's penalty."""
     Bg, V = state.hyps.scores.shape[2], logits.shape[2]
     beams = slice(g * Bg, (g + 1) * Bg)
-    if rows is None:
-        logits = logits[:, beams]
-    scores, flat = group_candidates(logits, state.running[:, beams],
+    scores, flat = group_candidates(logits[:, beams], state.running[:, beams],
                                     counts, penalty, 2 * Bg, rows)
     parent, token = flat // V + g * Bg, flat % V
     ends = (token == eos if eos is not None
